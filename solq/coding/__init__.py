@@ -1,0 +1,1 @@
+"""solq.coding"""

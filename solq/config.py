@@ -1,0 +1,405 @@
+"""One typed configuration for everything: data, model, codec, loss, train, eval, runtime.
+
+Defaults live here and nowhere else. A config is built from a preset name or a YAML file, then
+``"a.b=c"`` overrides are applied with type checking::
+
+    cfg = load_config("smoke", overrides=["train.epochs=3", "model.num_queries=20"])
+    cfg.to_yaml("run/config.yaml")
+
+Presets:
+
+- ``paper-r50``: the paper's Table 5 sizes (transformer width 256, FFN 1024, 300 queries, 6+6 layers).
+- ``release-r50``: the authors' script defaults (width 384, FFN 1024); reference §1.2.
+- ``smoke``: ResNet-18, width 64, 2+2 layers, 30 queries, 256 px images; trains on a CPU in minutes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+__all__ = [
+    "Config", "DataConfig", "ModelConfig", "CodecConfig", "LossConfig", "TrainConfig", "EvalConfig",
+    "RuntimeConfig", "ConfigError", "PRESETS", "load_config", "apply_overrides",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, preset or override is wrong; the message names the key and the problem."""
+
+
+def _scales(lo: int, hi: int, step: int = 32) -> list[int]:
+    return list(range(lo, hi + 1, step))
+
+
+@dataclass
+class DataConfig:
+    """Where the data is and how it is augmented (reference §7)."""
+
+    # "synthetic" generates procedural scenes into ``root`` when missing; "coco" reads the paths below.
+    dataset: str = "synthetic"
+    root: str = "data/synthetic"
+    train_images: str = ""  # defaults for "synthetic"/"coco" are derived from root when empty
+    train_annotations: str = ""
+    val_images: str = ""
+    val_annotations: str = ""
+    # synthetic generation (used when dataset == "synthetic")
+    synth_num_train: int = 200
+    synth_num_val: int = 50
+    synth_image_size: int = 256
+    synth_seed: int = 0
+    # augmentation (reference §7.2); all sizes parameterised for the smoke scale
+    train_scales: list[int] = field(default_factory=lambda: _scales(480, 800))
+    max_size: int = 1333
+    crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
+    crop_min: int = 384
+    crop_max: int = 600
+    eval_size: int = 800
+    hflip: bool = True
+    num_workers: int = 2
+    strict: bool = False  # turn skipped bad annotations into errors
+    max_images: int = 0  # 0 = all; >0 keeps the first n images (smoke runs)
+
+
+@dataclass
+class CodecConfig:
+    """Mask compression coding (paper §3.2, Table 3a/3d/3e)."""
+
+    name: str = "dct"  # dct | pca | sparse | flatten
+    resolution: int = 128  # N: side of the mask crop
+    num_coeffs: int = 256  # n_k: vector length
+    threshold: str = "midrange"  # dct binarisation: midrange (reference §3.3) or 0.5
+    file: str = ""  # fitted pca/sparse codec (.pt); fitted on the train set when empty
+    whiten: bool = True  # pca
+    jitter: bool = False  # pca: reference §3.7 logit-jitter targets
+    sparse_alpha: float = 0.1  # sparse: Lasso penalty
+
+
+@dataclass
+class ModelConfig:
+    """Network shape (reference §2). ``mode``: uqr (SOLQ), sqr (D-DETR + mask branch), det (D-DETR)."""
+
+    mode: str = "uqr"
+    backbone: str = "resnet50"
+    pretrained_backbone: bool = False  # ImageNet weights need a network; never in tests
+    train_backbone: bool = True  # layer2-4 trainable (stem and layer1 always frozen)
+    dilation: bool = False
+    hidden_dim: int = 256
+    dim_feedforward: int = 1024
+    nheads: int = 8
+    enc_layers: int = 6
+    dec_layers: int = 6
+    num_queries: int = 300
+    enc_n_points: int = 4
+    dec_n_points: int = 4
+    num_feature_levels: int = 4
+    dropout: float = 0.1
+    activation: str = "relu"
+    with_box_refine: bool = True
+    two_stage: bool = False
+    vector_hidden_dim: int = 1024
+    num_classes: int = 0  # 0 = taken from the data (max category id + 1)
+    attention_backend: str = "auto"  # auto | reference | fused | triton
+    aux_loss: bool = True
+    sqr_frozen_detector: bool = False  # sqr: train only the mask branch (paper's two-stage protocol)
+
+
+@dataclass
+class LossConfig:
+    """Matcher costs and loss weights (reference §4, §5)."""
+
+    set_cost_class: float = 2.0
+    set_cost_bbox: float = 5.0
+    set_cost_giou: float = 2.0
+    cls_loss_coef: float = 2.0
+    bbox_loss_coef: float = 5.0
+    giou_loss_coef: float = 2.0
+    vector_loss_coef: float = 3.0
+    vector_loss_norm: str = "mean"  # mean (release solq.py) | num_boxes
+    vector_loss_stages: int = 0  # number of final decoder layers with the vector loss; 0 = all (Table 3c)
+    focal_alpha: float = 0.25
+    mask_loss_coef: float = 1.0  # sqr focal
+    dice_loss_coef: float = 1.0  # sqr dice / flatten dice
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation recipe (reference §1.3)."""
+
+    lr: float = 2e-4
+    lr_backbone: float = 2e-5
+    lr_linear_proj_mult: float = 0.1
+    weight_decay: float = 1e-4
+    epochs: int = 50
+    lr_drop: int = 40
+    clip_max_norm: float = 0.1
+    batch_size: int = 4  # per process
+    accumulate: int = 1  # gradient accumulation steps
+    max_steps: int = 0  # 0 = no limit; >0 stops after this many optimiser steps (smoke runs)
+    amp: str = "none"  # none | bf16 | fp16
+    seed: int = 42
+    eval_every: int = 1  # epochs
+    save_every: int = 10  # epochs; the last checkpoint is always kept
+    log_every: int = 10  # steps
+
+
+@dataclass
+class EvalConfig:
+    """Inference and evaluation (reference §6, §8)."""
+
+    topk: int = 100
+    mask_threshold: float = 0.5
+    iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
+    boundary: bool = False  # also compute Boundary AP
+    batch_size: int = 2
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how a run executes."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    output_dir: str = "outputs/run"
+    num_threads: int = 0  # 0 = torch default
+    dist_backend: str = "auto"  # auto (nccl on cuda, gloo on cpu) | nccl | gloo
+    deterministic: bool = False
+    resume: str = ""  # "" | auto | path
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """Serialise; write to ``path`` when given. Returns the YAML text."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        return _from_dict(cls, d, "")
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "paper-r50": {},
+    "release-r50": {"model": {"hidden_dim": 384}},
+    "smoke": {
+        "data": {
+            "train_scales": [192, 224, 256], "max_size": 320, "crop_resize_scales": [160, 192],
+            "crop_min": 128, "crop_max": 192, "eval_size": 256, "num_workers": 0,
+            "synth_num_train": 64, "synth_num_val": 16,
+        },
+        "model": {
+            "backbone": "resnet18", "hidden_dim": 64, "dim_feedforward": 128, "nheads": 4,
+            "enc_layers": 2, "dec_layers": 2, "num_queries": 30, "num_feature_levels": 2,
+            "enc_n_points": 2, "dec_n_points": 2, "vector_hidden_dim": 128, "dropout": 0.0,
+        },
+        "codec": {"resolution": 64, "num_coeffs": 128},
+        "train": {"epochs": 2, "lr_drop": 100, "batch_size": 2, "lr": 2e-4},
+        "eval": {"batch_size": 2},
+        "runtime": {"device": "cpu"},
+    },
+}
+
+
+def _from_dict(cls, d: dict, prefix: str):
+    if not isinstance(d, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
+                          f"valid keys under '{prefix or '.'}': {sorted(names)}")
+    obj = cls()
+    for k, v in d.items():
+        hint = hints[k]
+        if dataclasses.is_dataclass(hint):
+            setattr(obj, k, _from_dict(hint, v, f"{prefix}{k}."))
+        else:
+            setattr(obj, k, _coerce(v, hint, prefix + k))
+    return obj
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check ``value`` against the type ``hint``; convert YAML/CLI strings where it is unambiguous."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union:  # Optional[...]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip().startswith("[") else [
+                v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+_CHOICES = {
+    "data.dataset": ("synthetic", "coco"),
+    "codec.name": ("dct", "pca", "sparse", "flatten"),
+    "codec.threshold": ("midrange", "0.5"),
+    "model.mode": ("uqr", "sqr", "det"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.activation": ("relu", "gelu", "glu", "silu"),
+    "model.attention_backend": ("auto", "reference", "fused", "triton"),
+    "loss.vector_loss_norm": ("mean", "num_boxes"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "runtime.dist_backend": ("auto", "nccl", "gloo"),
+}
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices and cross-field constraints; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+    m = cfg.model
+    if m.hidden_dim % m.nheads:
+        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be divisible by model.nheads ({m.nheads})")
+    if m.hidden_dim % 32 and m.hidden_dim >= 32:
+        raise ConfigError(f"model.hidden_dim ({m.hidden_dim}) must be a multiple of 32 (GroupNorm(32, d))")
+    for key in ("enc_layers", "dec_layers", "num_queries", "num_feature_levels", "nheads"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(m, key)}")
+    if cfg.codec.num_coeffs < 1 or cfg.codec.resolution < 2:
+        raise ConfigError("codec.num_coeffs must be >= 1 and codec.resolution >= 2")
+    if cfg.codec.name == "dct" and cfg.codec.num_coeffs > cfg.codec.resolution ** 2:
+        raise ConfigError(f"codec.num_coeffs ({cfg.codec.num_coeffs}) exceeds resolution^2 "
+                          f"({cfg.codec.resolution ** 2})")
+    if cfg.loss.vector_loss_stages < 0 or cfg.loss.vector_loss_stages > m.dec_layers:
+        raise ConfigError(f"loss.vector_loss_stages must be in 0..model.dec_layers ({m.dec_layers})")
+    if cfg.train.accumulate < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.accumulate and train.batch_size must be >= 1")
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Apply ``"section.key=value"`` strings in order (values parsed as YAML scalars/lists)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected the form section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override {item!r}: key must be section.key, e.g. train.epochs=3")
+        section, name = parts
+        if not hasattr(cfg, section) or not dataclasses.is_dataclass(getattr(cfg, section)):
+            raise ConfigError(f"override {item!r}: unknown section {section!r}; "
+                              f"sections: {[f.name for f in dataclasses.fields(cfg)]}")
+        sub = getattr(cfg, section)
+        hints = typing.get_type_hints(type(sub))
+        if name not in hints:
+            raise ConfigError(f"override {item!r}: unknown key {key!r}; "
+                              f"keys of {section}: {sorted(hints)}")
+        try:
+            parsed = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            parsed = raw
+        if hints[name] is str and parsed is not None and not isinstance(parsed, str):
+            parsed = raw  # keep e.g. "0.5" as written for string fields
+        setattr(sub, name, _coerce(parsed, hints[name], key))
+    return cfg
+
+
+def _merge(cfg: Config, tree: dict) -> Config:
+    base = cfg.to_dict()
+    for section, values in tree.items():
+        if section not in base:
+            raise ConfigError(f"unknown config section {section!r}; sections: {sorted(base)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {section!r}: expected a mapping")
+        base[section].update(values)
+    return Config.from_dict(base)
+
+
+def load_config(path_or_preset: str | Path | None = "smoke", overrides: Iterable[str] = ()) -> Config:
+    """Build a config from a preset name or a YAML file, then apply overrides.
+
+    A YAML file may name a base preset with a top-level ``preset:`` key; its sections override it.
+    Raises ConfigError with the offending key on unknown keys, bad types or invalid values.
+    """
+    cfg = Config()
+    if path_or_preset is not None:
+        name = str(path_or_preset)
+        if name in PRESETS:
+            cfg = _merge(cfg, PRESETS[name])
+        else:
+            p = Path(name)
+            if not p.is_file():
+                raise ConfigError(f"{name!r} is neither a preset ({sorted(PRESETS)}) nor a YAML file")
+            try:
+                tree = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{p}: not valid YAML: {e}") from None
+            if not isinstance(tree, dict):
+                raise ConfigError(f"{p}: expected a mapping of sections")
+            preset = tree.pop("preset", None)
+            if preset is not None:
+                if preset not in PRESETS:
+                    raise ConfigError(f"{p}: unknown preset {preset!r}; presets: {sorted(PRESETS)}")
+                cfg = _merge(cfg, PRESETS[preset])
+            try:
+                cfg = _merge(cfg, tree)
+            except ConfigError as e:
+                raise ConfigError(f"{p}: {e}") from None
+    cfg = apply_overrides(cfg, overrides)
+    return validate(cfg)
