@@ -62,6 +62,7 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = 2
     strict: bool = False  # turn skipped bad annotations into errors
+    check_images: str = "exists"  # none | exists (stat each file) | header (open each file header)
     max_images: int = 0  # 0 = all; >0 keeps the first n images (smoke runs)
 
 
@@ -292,6 +293,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 _CHOICES = {
     "data.dataset": ("synthetic", "coco"),
+    "data.check_images": ("none", "exists", "header"),
     "codec.name": ("dct", "pca", "sparse", "flatten"),
     "codec.threshold": ("midrange", "0.5"),
     "model.mode": ("uqr", "sqr", "det"),
