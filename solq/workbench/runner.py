@@ -1,0 +1,501 @@
+"""Run an experiment (one YAML per paper table or figure) through papermill, one notebook per grid point.
+
+An experiment YAML (see ``experiments/``)::
+
+    name: table3b_vector_loss_weight     # optional, defaults to the file name
+    title: "Table 3b: ..."               # and ``claim:`` (what the paper says), both free text
+    notebook: notebooks/ablation.ipynb   # relative to the project root (the folder holding experiments/)
+    requires: [table2_uqr_vs_sqr]        # experiments whose runs at the same scale this one reads
+    parameters: {...}                    # notebook parameters shared by every scale and point
+    grid: {vector_loss_coef: [0.3, 1]}   # factor(s) under study: product of lists, or a list of points
+    scales:                              # exactly the scales `smoke` and `paper`, each with
+      smoke: {description, parameters, grid (replaces the top-level grid), timeout (s per cell)}
+      paper: {...}
+    report: {...}                        # table layout, read by solq.workbench.report
+
+String parameters may use ``${runs_dir}``, ``${scale}``, ``${experiment}``, ``${root}`` (project root)
+and ``${<other parameter>}``. Every point runs in ``runs_dir/<experiment>/<scale>/<point>/`` (executed
+``notebook.ipynb``, ``metrics.json``, figures, ``log.txt``) with the project root as working directory;
+the runner passes ``scale`` and ``output_dir`` itself. A point is complete when metrics.json and the
+marker ``.complete.json`` (holding the parameters it ran with) exist; complete points are skipped.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import itertools
+import json
+import os
+import re
+import string
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+__all__ = ["Experiment", "Point", "PointResult", "load_experiment", "expand_grid", "point_slug",
+           "ensure_kernel", "run_experiment", "add_run_arguments", "parse_overrides", "run_from_args", "SCALES",
+           "MARKER"]
+
+SCALES = ("smoke", "paper")
+MARKER = ".complete.json"
+_TOP_KEYS = {"name", "title", "claim", "description", "notebook", "requires", "parameters", "grid",
+             "scales", "report"}
+_SCALE_KEYS = {"description", "parameters", "grid", "timeout", "report"}
+_INJECTED = ("scale", "output_dir")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
+
+
+@dataclass
+class Point:
+    """One grid point: ``name`` (stable slug of ``values``), the grid ``values``, and all notebook
+    ``parameters`` (without ``output_dir``)."""
+
+    name: str
+    values: dict
+    parameters: dict
+
+
+@dataclass
+class PointResult:
+    """Outcome of one point: ``status`` is done | skipped | failed | pending (dry run)."""
+
+    experiment: str
+    scale: str
+    point: str
+    status: str
+    output_dir: Path
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.output_dir / "metrics.json"
+
+
+@dataclass
+class Experiment:
+    """A parsed experiment YAML (see the module docstring)."""
+
+    name: str
+    path: Path
+    root: Path
+    notebook: Path
+    title: str
+    raw: dict = field(repr=False)
+
+    def scale_spec(self, scale: str) -> dict:
+        if scale not in self.raw["scales"]:
+            raise ValueError(f"{self.path}: no scale {scale!r}; scales: {sorted(self.raw['scales'])}")
+        return self.raw["scales"][scale] or {}
+
+    def points(self, scale: str, overrides: dict | None = None, runs_dir: str | Path = "experiments/runs"
+               ) -> list[Point]:
+        """The grid points at ``scale``, in grid order, with resolved parameters."""
+        spec = self.scale_spec(scale)
+        grid = spec.get("grid", self.raw.get("grid"))
+        base = {**(self.raw.get("parameters") or {}), **(spec.get("parameters") or {})}
+        overrides = dict(overrides or {})
+        points, seen = [], {}
+        for values in expand_grid(grid, where=f"{self.path}: grid"):
+            clash = sorted(set(values) & set(overrides))
+            if clash:
+                raise ValueError(f"{self.path}: cannot override grid parameter(s) {clash}; "
+                                 f"select points instead")
+            for key in _INJECTED:
+                if key in base or key in values:
+                    raise ValueError(f"{self.path}: parameter {key!r} is set by the runner; remove it")
+            params = {**base, **values, **overrides, "scale": scale}
+            params = _substitute(params, {"runs_dir": str(Path(runs_dir).resolve()), "scale": scale,
+                                          "experiment": self.name, "root": str(self.root)}, self.path)
+            name = point_slug(values)
+            if name in seen:
+                raise ValueError(f"{self.path}: grid points {seen[name]} and {values} share the name {name!r}")
+            seen[name] = values
+            points.append(Point(name, values, params))
+        return points
+
+
+def _substitute(params: dict, builtins: dict, where: Path) -> dict:
+    """Replace ``${name}`` in string values (also inside lists) by builtins or other parameters."""
+    mapping = {**{k: v for k, v in params.items() if isinstance(v, (str, int, float))}, **builtins}
+
+    def sub(key: str, v: Any) -> Any:
+        if isinstance(v, str) and "$" in v:
+            try:
+                return string.Template(v).substitute(mapping)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{where}: parameter {key!r}: cannot fill {v!r} ({e}); "
+                                 f"available: {sorted('${' + k + '}' for k in mapping)}") from None
+        if isinstance(v, list):
+            return [sub(key, x) for x in v]
+        return v
+
+    return {k: sub(k, v) for k, v in params.items()}
+
+
+def expand_grid(grid: Any, where: str = "grid") -> list[dict]:
+    """``{"a": [1, 2], "b": ["x"]}`` -> the product as a list of dicts (key order kept; a scalar is
+    a one-value list); a list of dicts is taken as explicit points; None/empty -> ``[{}]``."""
+    if not grid:
+        return [{}]
+    if isinstance(grid, dict):
+        keys = list(grid)
+        lists = [v if isinstance(v, list) else [v] for v in grid.values()]
+        for k, v in zip(keys, lists):
+            if not v:
+                raise ValueError(f"{where}.{k}: empty list of values")
+        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
+    if isinstance(grid, list):
+        for i, p in enumerate(grid):
+            if not isinstance(p, dict):
+                raise ValueError(f"{where}[{i}]: expected a mapping of parameter values, got {p!r}")
+        return [dict(p) for p in grid]
+    raise ValueError(f"{where}: expected a mapping of lists or a list of mappings, got {type(grid).__name__}")
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "-".join(_fmt(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return str(v)
+
+
+def point_slug(values: dict) -> str:
+    """A stable, file-safe name for grid ``values``: ``"key=value__key2=value2"`` ("default" when
+    empty); long names are cut and suffixed with a hash of the values."""
+    if not values:
+        return "default"
+    slug = "__".join(f"{k}={_fmt(v)}" for k, v in values.items())
+    slug = re.sub(r"[^A-Za-z0-9._=+-]+", "-", slug).strip("-")
+    if len(slug) > 120:
+        digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        slug = f"{slug[:100]}-{digest}"
+    return slug
+
+
+def load_experiment(path: str | Path, *, require_notebook: bool = True) -> Experiment:
+    """Parse and check an experiment YAML; ValueError names the file and the key at fault
+    (also when the notebook does not exist, unless ``require_notebook`` is False)."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ValueError(f"experiment file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping at the top level")
+    unknown = sorted(set(raw) - _TOP_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(_TOP_KEYS)}")
+    if "notebook" not in raw:
+        raise ValueError(f"{path}: missing key 'notebook'")
+    scales = raw.get("scales")
+    if not isinstance(scales, dict) or set(scales) != set(SCALES):
+        raise ValueError(f"{path}: 'scales' must define exactly {list(SCALES)}, got "
+                         f"{sorted(scales) if isinstance(scales, dict) else scales!r}")
+    for s, spec in scales.items():
+        if spec is not None and not isinstance(spec, dict):
+            raise ValueError(f"{path}: scales.{s}: expected a mapping")
+        bad = sorted(set(spec or {}) - _SCALE_KEYS)
+        if bad:
+            raise ValueError(f"{path}: scales.{s}: unknown key(s) {bad}; valid keys: {sorted(_SCALE_KEYS)}")
+    for key in ("parameters",):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"{path}: {key!r} must be a mapping")
+    name = str(raw.get("name") or path.stem)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"{path}: name {name!r} must be letters, digits, '_', '.', '-'")
+    root = path.parent.parent
+    nb = Path(raw["notebook"])
+    candidates = [nb] if nb.is_absolute() else [root / nb, path.parent / nb]
+    notebook = next((c.resolve() for c in candidates if c.is_file()), None)
+    if notebook is None and not require_notebook:
+        notebook = candidates[0].resolve()
+    if notebook is None:
+        raise ValueError(f"{path}: notebook {raw['notebook']!r} not found (looked at "
+                         f"{', '.join(str(c) for c in candidates)})")
+    return Experiment(name, path, root, notebook, str(raw.get("title", name)), raw)
+
+
+def ensure_kernel(name: str = "python3", private_dir: str | Path | None = None) -> list[str]:
+    """Make sure the Jupyter kernel ``name`` exists and starts this interpreter (the one solq runs in).
+
+    Installs ipykernel's spec into ``sys.prefix`` when no ``python3`` kernel is found. When the found
+    spec starts another interpreter, writes a private spec into ``private_dir/kernels/<name>`` and
+    puts ``private_dir`` first on ``JUPYTER_PATH`` for this process. Returns the kernel's argv.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+    except NoSuchKernel:
+        if name != "python3":
+            raise ValueError(f"no Jupyter kernel named {name!r}; "
+                             f"available: {sorted(KernelSpecManager().find_kernel_specs())}") from None
+        from ipykernel.kernelspec import install
+
+        install(kernel_name=name, prefix=sys.prefix)
+        spec = KernelSpecManager().get_kernel_spec(name)
+    exe = spec.argv[0] if spec.argv else ""
+    ours = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    if exe in ours or (exe and os.path.realpath(exe) == os.path.realpath(sys.executable)):
+        return list(spec.argv)
+    if private_dir is None:
+        raise ValueError(f"kernel {name!r} starts {exe!r}, not this interpreter {sys.executable}")
+    kdir = Path(private_dir) / "kernels" / name
+    kdir.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    (kdir / "kernel.json").write_text(json.dumps({"argv": argv, "display_name": f"solq ({name})",
+                                                  "language": "python"}))
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(Path(private_dir).resolve())] + [p for p in os.environ.get("JUPYTER_PATH", "").split(os.pathsep) if p])
+    return argv
+
+
+def _normalise(params: dict) -> dict:
+    return json.loads(json.dumps(params, sort_keys=True, default=str))
+
+
+def _is_complete(out: Path, params: dict) -> tuple[bool, str]:
+    marker, metrics = out / MARKER, out / "metrics.json"
+    if not (marker.is_file() and metrics.is_file()):
+        return False, "not run" if not out.exists() else "incomplete"
+    try:
+        done = json.loads(marker.read_text()).get("parameters")
+    except (json.JSONDecodeError, AttributeError):
+        return False, "marker unreadable"
+    if done != _normalise(params):
+        return False, "parameters changed"
+    return True, "complete"
+
+
+def _select(points: list[Point], wanted: Iterable[str | int] | None, where: Path) -> list[Point]:
+    if wanted is None:
+        return points
+    chosen, names = [], [p.name for p in points]
+    for w in wanted:
+        if isinstance(w, int) or (isinstance(w, str) and w.isdigit()):
+            i = int(w)
+            if not 0 <= i < len(points):
+                raise ValueError(f"{where}: point index {i} out of range 0..{len(points) - 1}")
+            hits = [points[i]]
+        else:
+            hits = [p for p in points if fnmatch.fnmatchcase(p.name, w)]
+            if not hits:
+                raise ValueError(f"{where}: no point matches {w!r}; points: {names}")
+        chosen += [p for p in hits if p not in chosen]
+    return [p for p in points if p in chosen]  # keep grid order
+
+
+def _failure_text(exp: Experiment, scale: str, point: Point, nb_out: Path, log: Path, err: BaseException) -> str:
+    from papermill.exceptions import PapermillExecutionError
+
+    lines = [f"FAILED {exp.name} [{scale}] point {point.name} (notebook {exp.notebook})"]
+    if isinstance(err, PapermillExecutionError):
+        lines.append(f"  cell {err.cell_index} (execution count {err.exec_count}) raised {err.ename}: {err.evalue}")
+        src = (err.source or "").splitlines()
+        lines.append("  cell source:")
+        lines += [f"    | {s}" for s in src[:8]] + (["    | ..."] if len(src) > 8 else [])
+    else:
+        lines.append(f"  {type(err).__name__}: {err}")
+    lines += [f"  partially executed notebook: {nb_out}", f"  log: {log}"]
+    return "\n".join(lines)
+
+
+def _run_point(exp: Experiment, scale: str, point: Point, out: Path, *, kernel_name: str,
+               timeout: float | None) -> PointResult:
+    import papermill
+    from solq import code_version
+
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (MARKER, "metrics.json", "failed.json"):
+        (out / stale).unlink(missing_ok=True)
+    nb_out, log = out / "notebook.ipynb", out / "log.txt"
+    params = {**point.parameters, "output_dir": str(out)}
+    start = time.perf_counter()
+    error = None
+    with open(log, "w") as fh:
+        fh.write(f"# {exp.name} [{scale}] {point.name}  {datetime.now(timezone.utc).isoformat()}\n"
+                 f"# notebook {exp.notebook}\n# parameters {json.dumps(params, default=str)}\n")
+        fh.flush()
+        try:
+            papermill.execute_notebook(
+                str(exp.notebook), str(nb_out), parameters=params, kernel_name=kernel_name,
+                cwd=str(exp.root), progress_bar=False, stdout_file=fh, stderr_file=fh,
+                execution_timeout=timeout)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure of the point is reported, not raised
+            error = _failure_text(exp, scale, point, nb_out, log, e)
+            trace = _ANSI.sub("", "\n".join(getattr(e, "traceback", None) or [repr(e)]))
+            fh.write(f"\n{error}\n\n{trace}\n")
+    seconds = time.perf_counter() - start
+    metrics_path = out / "metrics.json"
+    if error is None and not metrics_path.is_file():
+        error = (f"FAILED {exp.name} [{scale}] point {point.name}: {exp.notebook.name} finished without "
+                 f"writing metrics.json into output_dir\n  notebook: {nb_out}\n  log: {log}")
+    if error is None:
+        error = _complete_metrics(exp, scale, point, metrics_path)
+    if error is not None:
+        (out / "failed.json").write_text(json.dumps({"error": error, "seconds": seconds}, indent=2))
+        return PointResult(exp.name, scale, point.name, "failed", out, seconds, error)
+    (out / MARKER).write_text(json.dumps({
+        "parameters": _normalise(point.parameters), "seconds": round(seconds, 3),
+        "finished": datetime.now(timezone.utc).isoformat(), "code_version": code_version()}, indent=2))
+    return PointResult(exp.name, scale, point.name, "done", out, seconds)
+
+
+def _complete_metrics(exp: Experiment, scale: str, point: Point, path: Path) -> str | None:
+    """Add ``experiment``, ``scale``, ``point`` and the grid values to metrics.json when missing;
+    return an error text when the notebook recorded a different scale or experiment."""
+    try:
+        metrics = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        return f"FAILED {exp.name} [{scale}] point {point.name}: {path} is not valid JSON ({e})"
+    if not isinstance(metrics, dict):
+        return f"FAILED {exp.name} [{scale}] point {point.name}: {path} must hold a JSON object"
+    for key, want in (("scale", scale), ("experiment", exp.name)):
+        if key in metrics and metrics[key] != want:
+            return (f"FAILED {exp.name} [{scale}] point {point.name}: {path} records {key}="
+                    f"{metrics[key]!r} but the run is {key}={want!r}; scales are never mixed")
+    metrics.update({"experiment": exp.name, "scale": scale, "point": point.name})
+    for k, v in point.values.items():
+        metrics.setdefault(k, v)
+    metrics.setdefault("parameters", _normalise(point.parameters))  # the report's layouts may refer to them
+    path.write_text(json.dumps(metrics, indent=2, default=str))
+    return None
+
+
+def _check_notebook_parameters(exp: Experiment, points: list[Point]) -> None:
+    import papermill
+
+    declared = papermill.inspect_notebook(str(exp.notebook))
+    if not declared:
+        raise ValueError(f"{exp.notebook}: no code cell tagged 'parameters'")
+    for p in points:
+        unknown = sorted((set(p.parameters) | {"output_dir"}) - set(declared))
+        if unknown:
+            raise ValueError(f"{exp.path}: parameter(s) {unknown} are not parameters of {exp.notebook} "
+                             f"(its parameters: {sorted(declared)})")
+
+
+def _check_requires(exp: Experiment, scale: str, runs_dir: Path) -> None:
+    for req in exp.raw.get("requires") or []:
+        done = list((runs_dir / req / scale).glob(f"*/{MARKER}"))
+        if not done:
+            raise ValueError(f"{exp.name} [{scale}] reads runs of {req!r} at scale {scale!r}, and there are "
+                             f"none under {runs_dir / req / scale}: run `solq run experiments/{req}.yaml "
+                             f"--scale {scale}` first")
+
+
+def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = "experiments/runs",
+                   points: Iterable[str | int] | None = None, force: bool = False, progress: bool = True,
+                   keep_going: bool = True, overrides: dict | None = None, dry_run: bool = False,
+                   kernel_name: str = "python3") -> list[PointResult]:
+    """Execute every grid point of an experiment at ``scale`` through papermill.
+
+    ``points``: names (glob patterns) or indices selecting points; ``force``: rerun complete points;
+    ``keep_going``: go on after a failing point (else stop there); ``overrides``: notebook parameters
+    replacing the YAML's (not grid parameters); ``dry_run``: report status without running.
+    Returns one PointResult per selected point that was considered (in grid order).
+    """
+    from tqdm.auto import tqdm
+
+    if scale not in SCALES:
+        raise ValueError(f"scale {scale!r} is not one of {list(SCALES)}")
+    exp = load_experiment(yaml_path)
+    runs_dir = Path(runs_dir).resolve()
+    selected = _select(exp.points(scale, overrides, runs_dir), points, exp.path)
+    _check_notebook_parameters(exp, selected)
+    scale_dir = runs_dir / exp.name / scale
+    if dry_run:
+        results = []
+        for p in selected:
+            done, why = _is_complete(scale_dir / p.name, p.parameters)
+            results.append(PointResult(exp.name, scale, p.name, "skipped" if done and not force else "pending",
+                                       scale_dir / p.name, error=None if done else why))
+        return results
+    if force or not all(_is_complete(scale_dir / p.name, p.parameters)[0] for p in selected):
+        _check_requires(exp, scale, runs_dir)
+    ensure_kernel(kernel_name, private_dir=runs_dir / ".jupyter")
+    scale_dir.mkdir(parents=True, exist_ok=True)
+    # the report reads the layout from this copy, so runs stay self-describing
+    (scale_dir / "experiment.yaml").write_text(exp.path.read_text())
+    timeout = exp.scale_spec(scale).get("timeout")
+    results: list[PointResult] = []
+    bar = tqdm(selected, desc=f"{exp.name} [{scale}]", unit="point", disable=not progress, file=sys.stderr)
+    for p in bar:
+        out = scale_dir / p.name
+        done, why = _is_complete(out, p.parameters)
+        if done and not force:
+            results.append(PointResult(exp.name, scale, p.name, "skipped", out))
+            continue
+        if why == "parameters changed" and progress:
+            tqdm.write(f"{p.name}: parameters changed since the completed run; running again", file=sys.stderr)
+        bar.set_postfix_str(p.name)
+        r = _run_point(exp, scale, p, out, kernel_name=kernel_name, timeout=timeout)
+        results.append(r)
+        if r.status == "failed":
+            tqdm.write(r.error, file=sys.stderr)
+            if not keep_going:
+                break
+        elif progress:
+            tqdm.write(f"{p.name}: done in {r.seconds:.1f} s", file=sys.stderr)
+    bar.close()
+    return results
+
+
+def add_run_arguments(parser) -> None:
+    """Options of ``solq run EXPERIMENT.yaml --scale smoke`` (argparse)."""
+    parser.add_argument("experiment", type=Path, help="experiment YAML, e.g. experiments/table3b_vector_loss_weight.yaml")
+    parser.add_argument("--scale", required=True, choices=SCALES,
+                        help="smoke: CPU, small data, minutes per point; paper: COCO 2017, the paper's recipe")
+    parser.add_argument("--runs-dir", type=Path, default=Path("experiments/runs"),
+                        help="where runs go: RUNS/<experiment>/<scale>/<point>/ (default experiments/runs)")
+    parser.add_argument("--points", nargs="+", metavar="NAME",
+                        help="run only these points (names, glob patterns or indices; default all)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a notebook parameter (value parsed as YAML), e.g. --set coco_root=/data/coco")
+    parser.add_argument("--force", action="store_true", help="rerun points that are already complete")
+    parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failing point")
+    parser.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_overrides(items: Iterable[str]) -> dict:
+    """``["a=1", "b=[x, y]"]`` -> ``{"a": 1, "b": ["x", "y"]}`` (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def run_from_args(args) -> int:
+    """Run ``solq run`` from parsed arguments; prints a summary. Returns the exit code (1 on failures)."""
+    results = run_experiment(args.experiment, args.scale, runs_dir=args.runs_dir, points=args.points,
+                             force=args.force, progress=not args.no_progress, keep_going=not args.stop_on_error,
+                             overrides=parse_overrides(args.overrides), dry_run=args.dry_run)
+    for r in results:
+        note = f"  ({r.error})" if args.dry_run and r.error else f"  {r.seconds:.1f} s" if r.seconds else ""
+        print(f"{r.status:8s} {r.experiment}/{r.scale}/{r.point}{note}")
+    failed = [r for r in results if r.status == "failed"]
+    where = Path(args.runs_dir) / (results[0].experiment if results else Path(args.experiment).stem) / args.scale
+    print(f"{len(results) - len(failed)} of {len(results)} points ok; runs in {where}")
+    return 1 if failed else 0
