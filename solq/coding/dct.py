@@ -1,0 +1,99 @@
+"""DCT mask coding (paper §3.2, reference §3): orthonormal 2-D DCT-II, low frequencies in zig-zag order.
+
+For a mask M [N,N], C = D·M·Dᵀ with D[k,n] = sqrt(α_k/N)·cos(π(2n+1)k/(2N)), α_0 = 1, α_k = 2 otherwise
+(identical to ``scipy.fft.dctn(norm="ortho")``); row index u is vertical frequency, column v horizontal.
+The vector holds C at the first n_k positions of the JPEG zig-zag (reference §3.2), unscaled.
+
+Only the kept frequencies are ever computed: with U = 1 + max u and V = 1 + max v over the kept set
+(23 and 23 for n_k = 256), encode is T = D[:U]·M·D[:V]ᵀ ([K,U,V], two matmuls) followed by a gather,
+and decode scatters the vector into [K,U,V] and computes D[:U]ᵀ·Ĉ·D[:V]. That is the exact inverse
+restricted to the kept coefficients (zeros elsewhere).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .base import Codec
+
+__all__ = ["DCTCodec", "zigzag_order", "dct_matrix"]
+
+
+def zigzag_order(n: int) -> np.ndarray:
+    """JPEG zig-zag order of an n x n grid: int64 [n*n, 2] of (u, v) = (row, col).
+
+    Diagonals s = u+v in increasing order; odd s runs from (0,s) down to (s,0) (u increasing),
+    even s from (s,0) up to (0,s) (u decreasing). Starts (0,0), (0,1), (1,0), (2,0), (1,1), (0,2), ...
+    """
+    u, v = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    u, v = u.ravel(), v.ravel()
+    s = u + v
+    within = np.where(s % 2 == 1, u, n - 1 - u)  # position along the diagonal
+    order = np.lexsort((within, s))
+    return np.stack([u[order], v[order]], axis=1).astype(np.int64)
+
+
+def dct_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D [n,n]: D[k,j] = sqrt(α_k/n)·cos(π(2j+1)k/(2n)); D·Dᵀ = I."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    j = torch.arange(n, dtype=torch.float64)[None, :]
+    alpha = torch.where(k == 0, 1.0, 2.0).to(torch.float64)
+    d = torch.sqrt(alpha / n) * torch.cos(math.pi * (2 * j + 1) * k / (2 * n))
+    return d.to(dtype=dtype, device=device)
+
+
+class DCTCodec(Codec):
+    """DCT codec: ``encode`` [K,N,N] -> [K,n_k]; ``decode`` [K,n_k] -> [K,N,N] (continuous, unclamped).
+
+    Args:
+        resolution: N, side of the mask crop (128 in the paper).
+        num_coeffs: n_k, kept zig-zag coefficients (256 in the paper); 1 <= n_k <= N².
+        threshold: "midrange" (reference §3.3: strict ``>`` (max+min)/2 per mask) or "0.5" (``>= 0.5``).
+    """
+
+    name = "dct"
+    loss_type = "l1"
+
+    def __init__(self, resolution: int = 128, num_coeffs: int = 256, threshold: str = "midrange"):
+        super().__init__(resolution, num_coeffs, threshold)
+        if self.dim > self.resolution ** 2:
+            raise ValueError(f"dct codec: num_coeffs ({self.dim}) exceeds resolution² ({self.resolution ** 2})")
+        uv = zigzag_order(self.resolution)[: self.dim]
+        self.positions = torch.from_numpy(uv)  # int64 [n_k, 2], (u, v) of each vector entry
+        self.rows = int(uv[:, 0].max()) + 1  # U
+        self.cols = int(uv[:, 1].max()) + 1  # V
+        # flat index of each kept coefficient in the [U,V] block of low frequencies
+        self._flat = torch.from_numpy(uv[:, 0] * self.cols + uv[:, 1])
+        self._cache: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def extra_repr(self) -> str:
+        return f"resolution={self.resolution}, num_coeffs={self.dim}, threshold={self.threshold!r}"
+
+    def _bases(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """(D[:U] [U,N], D[:V]ᵀ [N,V], D[:U]ᵀ [N,U], D[:V] [V,N], flat index [n_k]) on device/dtype, cached."""
+        key = (device, dtype)
+        if key not in self._cache:
+            d = dct_matrix(self.resolution)  # built in float64, then cast once
+            du, dv = d[: self.rows], d[: self.cols]
+            self._cache[key] = tuple(t.to(device=device, dtype=dtype).contiguous() for t in (du, dv.T, du.T, dv)) + (
+                self._flat.to(device),)
+        return self._cache[key]
+
+    def encode(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks float/bool [K,N,N] -> coefficients [K,n_k] (dtype of float masks, else float32)."""
+        m = self._masks_as_float(masks)
+        du, dv_t, _, _, flat = self._bases(m.device, m.dtype)
+        # rows first: [U,N] @ [K,N,N] -> [K,U,N] is the costly product; the second one is small
+        t = torch.matmul(torch.matmul(du, m), dv_t)  # [K,U,V]
+        return t.flatten(1).index_select(1, flat)
+
+    def decode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """vectors [K,n_k] -> reconstruction [K,N,N] (same dtype), differentiable."""
+        v = self._check_vectors(vectors)
+        _, _, du_t, dv, flat = self._bases(v.device, v.dtype)
+        k = v.shape[0]
+        block = v.new_zeros(k, self.rows * self.cols).index_copy(1, flat, v)  # zeros at dropped frequencies
+        x = torch.matmul(block.view(k, self.rows, self.cols), dv)  # [K,U,N]
+        return torch.matmul(du_t, x)  # [K,N,N]
