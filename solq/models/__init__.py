@@ -1,1 +1,76 @@
-"""solq.models"""
+"""solq.models: the SOLQ network, the SQR baseline, matching, losses, post-processing.
+
+``build_model(cfg) -> (model, criterion, postprocessor)`` is the entry point; ``build_detector(cfg)``
+builds only the network (backbone + transformer + heads).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from .backbone import Backbone, Joiner
+from .deformable_attention import BACKENDS, MSDeformAttn, get_backend, ms_deform_attn_reference
+from .heads import MLP, inverse_sigmoid
+from .position_encoding import PositionEmbeddingSine
+from .solq import SOLQ, param_groups
+from .transformer import DeformableTransformer
+
+__all__ = [
+    "build_model", "build_detector", "SOLQ", "param_groups", "Backbone", "Joiner", "PositionEmbeddingSine",
+    "DeformableTransformer", "MSDeformAttn", "ms_deform_attn_reference", "BACKENDS", "get_backend", "MLP",
+    "inverse_sigmoid",
+]
+
+
+def build_detector(cfg, vector_dim: Optional[int] = None) -> SOLQ:
+    """The network described by ``cfg.model`` (mode uqr or det; mode sqr builds its det detector).
+
+    ``vector_dim`` is the codec's vector length n_k (mode uqr); None reads ``cfg.codec.num_coeffs``.
+    """
+    from solq.config import ConfigError
+
+    m = cfg.model
+    if m.num_classes < 1:
+        raise ConfigError("model.num_classes is 0: set it (max category id + 1) or let the engine take it "
+                          "from the dataset before building the model")
+    backbone = Joiner(Backbone(m.backbone, train_backbone=m.train_backbone, dilation=m.dilation,
+                               pretrained=m.pretrained_backbone),
+                      PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
+    transformer = DeformableTransformer(
+        d_model=m.hidden_dim, nhead=m.nheads, num_encoder_layers=m.enc_layers, num_decoder_layers=m.dec_layers,
+        dim_feedforward=m.dim_feedforward, dropout=m.dropout, activation=m.activation,
+        num_feature_levels=m.num_feature_levels, enc_n_points=m.enc_n_points, dec_n_points=m.dec_n_points,
+        two_stage=m.two_stage, two_stage_num_proposals=m.num_queries, attention_backend=m.attention_backend)
+    mode = "uqr" if m.mode == "uqr" else "det"
+    return SOLQ(backbone, transformer, num_classes=m.num_classes, num_queries=m.num_queries,
+                num_feature_levels=m.num_feature_levels, mode=mode,
+                vector_dim=(vector_dim or cfg.codec.num_coeffs) if mode == "uqr" else None,
+                vector_hidden_dim=m.vector_hidden_dim, aux_loss=m.aux_loss, with_box_refine=m.with_box_refine,
+                two_stage=m.two_stage)
+
+
+def build_model(cfg):
+    """Returns (model, criterion, postprocessor) for ``cfg`` (a solq.config.Config).
+
+    The codec (``cfg.codec``) sets the vector length; mode sqr wraps a det detector in the SQR mask branch.
+    Raises ConfigError when ``cfg.model.num_classes`` is 0 (the engine fills it from the data).
+    """
+    from solq.coding import build_codec_from_config
+    from solq.config import ConfigError
+
+    from .criterion import build_criterion
+    from .postprocess import build_postprocessor
+
+    if cfg.model.num_classes < 1:
+        raise ConfigError("model.num_classes is 0: set it (max category id + 1) or let the engine take it "
+                          "from the dataset before building the model")
+    codec = build_codec_from_config(cfg.codec)
+    detector = build_detector(cfg, vector_dim=codec.dim)
+    if cfg.model.mode == "sqr":
+        from .sqr import build_sqr
+
+        model = build_sqr(cfg, detector)
+    else:
+        model = detector
+    criterion = build_criterion(cfg, codec, cfg.model.num_classes)
+    postprocessor = build_postprocessor(cfg, codec)
+    return model, criterion, postprocessor

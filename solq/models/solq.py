@@ -1,0 +1,188 @@
+"""The SOLQ detector: Deformable DETR whose queries also predict a mask vector (reference §2.4, §2.6, §2.8).
+
+Mode ``uqr`` (SOLQ, unified query representation) adds one vector MLP shared by all decoder layers;
+mode ``det`` is plain Deformable DETR (no mask branch; the SQR baseline wraps it).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .backbone import Joiner, resize_mask
+from .heads import MLP, class_prior_bias, refine_boxes
+from .transformer import DeformableTransformer
+
+__all__ = ["SOLQ", "param_groups"]
+
+
+class SOLQ(nn.Module):
+    """Backbone + input projections + deformable transformer + per-layer heads.
+
+    Args:
+        backbone: a :class:`~solq.models.backbone.Joiner` (``backbone.0.body`` = ResNet, ``backbone.1`` =
+            position encoding).
+        transformer: a :class:`~solq.models.transformer.DeformableTransformer`.
+        num_classes: C, classifier outputs (category ids index them directly; 91 for COCO).
+        num_queries: Q. num_feature_levels: levels fed to the transformer: the last min(n, 3) of C3..C5
+            (n=1: C5; n=2: C4, C5), plus n-3 stride-2 levels, the first from raw C5, the next ones from
+            the previous projected level.
+        mode: "uqr" (vector head) or "det" (none). vector_dim: n_k, the codec's vector length (uqr).
+        vector_hidden_dim: hidden width of the vector MLP (1024 in the release).
+        aux_loss: also return per-layer outputs. with_box_refine: per-layer (unshared) class/box heads
+            that also refine the decoder's references. two_stage: queries from top encoder proposals.
+
+    Head layout as the release: ``class_embed`` and ``bbox_embed`` are ModuleLists with one entry per
+    decoder layer (+1 for two-stage encoder scoring); without box refinement all entries are the same
+    module. ``vector_embed`` is a single MLP applied to every decoder layer.
+    """
+
+    def __init__(self, backbone: Joiner, transformer: DeformableTransformer, *, num_classes: int,
+                 num_queries: int = 300, num_feature_levels: int = 4, mode: str = "uqr",
+                 vector_dim: Optional[int] = 256, vector_hidden_dim: int = 1024, aux_loss: bool = True,
+                 with_box_refine: bool = True, two_stage: bool = False):
+        super().__init__()
+        if mode not in ("uqr", "det"):
+            raise ValueError(f"SOLQ mode must be 'uqr' or 'det', got {mode!r} (sqr wraps a 'det' detector)")
+        if mode == "uqr" and not vector_dim:
+            raise ValueError("mode 'uqr' needs vector_dim (the codec's dim)")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        d = transformer.d_model
+        self.mode, self.num_classes, self.num_queries = mode, num_classes, num_queries
+        self.num_feature_levels, self.aux_loss = num_feature_levels, aux_loss
+        self.with_box_refine, self.two_stage = with_box_refine, two_stage
+        self.hidden_dim = d
+        self.backbone = backbone
+        self.transformer = transformer
+        self.num_backbone_levels = min(num_feature_levels, len(backbone.num_channels))
+        in_channels = backbone.num_channels[-self.num_backbone_levels:]
+
+        proj = [nn.Sequential(nn.Conv2d(c, d, kernel_size=1), nn.GroupNorm(32, d)) for c in in_channels]
+        c = backbone.num_channels[-1]
+        for _ in range(num_feature_levels - self.num_backbone_levels):
+            proj.append(nn.Sequential(nn.Conv2d(c, d, kernel_size=3, stride=2, padding=1), nn.GroupNorm(32, d)))
+            c = d
+        self.input_proj = nn.ModuleList(proj)
+        for seq in self.input_proj:
+            nn.init.xavier_uniform_(seq[0].weight, gain=1)
+            nn.init.zeros_(seq[0].bias)
+        if not two_stage:
+            self.query_embed = nn.Embedding(num_queries, 2 * d)
+
+        class_embed = nn.Linear(d, num_classes)
+        bbox_embed = MLP(d, d, 4, 3)
+        with torch.no_grad():
+            class_embed.bias.fill_(class_prior_bias(0.01))
+            bbox_embed.layers[-1].weight.zero_()
+            bbox_embed.layers[-1].bias.zero_()
+        num_pred = transformer.decoder.num_layers + (1 if two_stage else 0)
+        if with_box_refine:
+            self.class_embed = nn.ModuleList(copy.deepcopy(class_embed) for _ in range(num_pred))
+            self.bbox_embed = nn.ModuleList(copy.deepcopy(bbox_embed) for _ in range(num_pred))
+        else:
+            self.class_embed = nn.ModuleList([class_embed] * num_pred)
+            self.bbox_embed = nn.ModuleList([bbox_embed] * num_pred)
+        with torch.no_grad():  # first layer's boxes start small: w = h = sigmoid(-2)
+            self.bbox_embed[0].layers[-1].bias[2:] = -2.0
+            if two_stage:
+                for m in self.bbox_embed:
+                    m.layers[-1].bias[2:] = 0.0
+
+        if mode == "uqr":
+            self.vector_embed = MLP(d, vector_hidden_dim, vector_dim, 3)
+            with torch.no_grad():  # every query starts at [0, 0, -2, ..., -2] as in the release
+                self.vector_embed.layers[-1].weight.zero_()
+                self.vector_embed.layers[-1].bias.zero_()
+                self.vector_embed.layers[-1].bias[2:] = -2.0
+        else:
+            self.vector_embed = None
+
+    def _levels(self, images, mask):
+        """Backbone maps and the transformer's inputs: (features, srcs, masks, pos) per level."""
+        features = self.backbone(images, mask)
+        srcs, masks, pos = [], [], []
+        for lvl, (feat, m) in enumerate(features[-self.num_backbone_levels:]):
+            srcs.append(self.input_proj[lvl](feat))
+            masks.append(m)
+        x = features[-1][0]  # raw C5 feeds the first extra level
+        for lvl in range(self.num_backbone_levels, self.num_feature_levels):
+            x = self.input_proj[lvl](x)
+            srcs.append(x)
+            masks.append(resize_mask(mask, x.shape[-2:]))
+        for src, m in zip(srcs, masks):
+            pos.append(self.backbone.position(m).to(src.dtype))
+        return features, srcs, masks, pos
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor, *, return_intermediates: bool = False,
+                return_attention: bool = False) -> dict:
+        """images: float [B,3,H,W] (zero-padded batch); mask: bool [B,H,W], True on padding.
+
+        Returns a dict (L = decoder layers, C = num_classes, n_k = vector_dim):
+          - ``pred_logits`` [B,Q,C]: raw class logits (sigmoid scores);
+          - ``pred_boxes`` [B,Q,4]: sigmoid (cx, cy, w, h) normalised to the unpadded image;
+          - ``pred_vectors`` [B,Q,n_k]: raw mask-code vectors (mode uqr only);
+          - ``aux_outputs`` (if aux_loss): list of L-1 dicts with the keys above for layers 0..L-2;
+          - ``enc_outputs`` (two-stage): {``pred_logits`` [B,S,C], ``pred_boxes`` [B,S,4]} per encoder token;
+          - with ``return_intermediates``: ``hs`` [L,B,Q,d]; ``memory`` list of [B,d,H_l,W_l];
+            ``memory_masks`` list of bool [B,H_l,W_l]; ``features`` list of (backbone map [B,C_l,h,w],
+            mask bool [B,h,w]) for C3, C4, C5 (always all three);
+          - with ``return_attention``: ``dec_attention`` list (per decoder layer) of {``locations``
+            [B,Q,M,L_f,P,2] (x, y) in the padded level frame, ``weights`` [B,Q,M,L_f,P]};
+            ``init_reference`` [B,Q,2|4] (the reference of decoder layer 0) and ``dec_references``
+            [L,B,Q,2|4] (the reference after each layer; layer l+1 attends around dec_references[l]).
+        """
+        features, srcs, masks, pos = self._levels(images, mask)
+        refine = self.with_box_refine
+        t = self.transformer(
+            srcs, masks, pos, None if self.two_stage else self.query_embed.weight,
+            bbox_embed=self.bbox_embed if refine else None,
+            enc_class_embed=self.class_embed[-1] if self.two_stage else None,
+            enc_bbox_embed=self.bbox_embed[-1] if self.two_stage else None,
+            return_attention=return_attention)
+        hs, refs = t["hs"], t["references"]
+        num_layers = hs.shape[0]
+        vectors = self.vector_embed(hs) if self.vector_embed is not None else None  # one shared MLP
+        layers = []
+        for lvl in range(num_layers):
+            reference = t["init_reference"] if lvl == 0 else refs[lvl - 1]
+            out = {"pred_logits": self.class_embed[lvl](hs[lvl]),
+                   "pred_boxes": refine_boxes(self.bbox_embed[lvl](hs[lvl]), reference)}
+            if vectors is not None:
+                out["pred_vectors"] = vectors[lvl]
+            layers.append(out)
+        result = dict(layers[-1])
+        if self.aux_loss:
+            result["aux_outputs"] = layers[:-1]
+        if self.two_stage:
+            result["enc_outputs"] = {"pred_logits": t["enc_logits"], "pred_boxes": t["enc_boxes"]}
+        if return_intermediates:
+            memory = t["memory"]
+            B, _, d = memory.shape
+            sizes = [h * w for h, w in t["shapes"]]
+            result["hs"] = hs
+            result["memory"] = [m.transpose(1, 2).reshape(B, d, h, w)
+                                for m, (h, w) in zip(memory.split(sizes, 1), t["shapes"])]
+            result["memory_masks"] = masks
+            result["features"] = features
+        if return_attention:
+            result["dec_attention"] = t["attention"]
+            result["init_reference"] = t["init_reference"]
+            result["dec_references"] = refs
+        return result
+
+    def param_groups(self, train_cfg) -> list[dict]:
+        """Optimiser groups of this model; see :func:`param_groups`."""
+        return param_groups(self, train_cfg)
+
+
+def param_groups(model: nn.Module, train_cfg) -> list[dict]:
+    """The release's AdamW groups (reference §1.3) for ``model`` from a ``TrainConfig``: delegates to
+    ``solq.engine.optim.param_groups`` (names containing "backbone.0" -> lr_backbone; "reference_points" /
+    "sampling_offsets" -> lr * lr_linear_proj_mult; the rest -> lr; frozen parameters skipped)."""
+    from solq.engine.optim import param_groups as groups
+
+    return groups(model, lr=train_cfg.lr, lr_backbone=train_cfg.lr_backbone,
+                  lr_linear_proj_mult=train_cfg.lr_linear_proj_mult, weight_decay=train_cfg.weight_decay)
