@@ -1,0 +1,154 @@
+"""SQR baseline: attention map, mask head shapes, frozen detector, tiny overfit."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from solq.models.criterion import SetCriterion
+from solq.models.matcher import HungarianMatcher
+from solq.models.sqr import AttentionMap, MaskHead, SQRModel
+
+
+class TinyDetector(nn.Module):
+    """Stand-in detector with the agreed intermediates: C3..C5 at strides 8/16/32, memory with an
+    extra stride-64 level, L=2 decoder layers."""
+
+    def __init__(self, d=32, Q=4, C=3, chans=(16, 24, 40)):
+        super().__init__()
+        self.c3 = nn.Conv2d(3, chans[0], 8, stride=8)
+        self.c4 = nn.Conv2d(chans[0], chans[1], 3, stride=2, padding=1)
+        self.c5 = nn.Conv2d(chans[1], chans[2], 3, stride=2, padding=1)
+        self.proj = nn.ModuleList([nn.Conv2d(c, d, 1) for c in chans] + [nn.Conv2d(chans[2], d, 3, 2, 1)])
+        self.query = nn.Embedding(Q, d)
+        self.cls = nn.Linear(d, C)
+        self.box = nn.Linear(d, 4)
+
+    def forward(self, images, mask, *, return_intermediates=False, return_attention=False):
+        c3 = self.c3(images)
+        c4 = self.c4(c3)
+        c5 = self.c5(c4)
+        maps = [c3, c4, c5]
+        memory = [p(c) for p, c in zip(self.proj, maps)] + [self.proj[-1](c5)]
+        masks = [F.interpolate(mask[:, None].float(), size=m.shape[-2:])[:, 0].bool() for m in memory]
+        pooled = memory[-1].mean((2, 3))
+        h0 = self.query.weight[None] + pooled[:, None]
+        hs = torch.stack([h0, torch.tanh(h0)])
+        layers = [{"pred_logits": self.cls(h), "pred_boxes": self.box(h).sigmoid()} for h in hs]
+        out = {**layers[-1], "aux_outputs": layers[:-1]}
+        if return_intermediates:
+            out.update(hs=hs, memory=memory, memory_masks=masks, features=list(zip(maps, masks[:3])))
+        return out
+
+
+def _batch():
+    images = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(2, 128, 96, dtype=torch.bool)
+    mask[1, 96:] = True  # image 1 is 96x96
+    images[1, :, 96:] = 0
+    return images, mask
+
+
+def test_attention_map_normalised_per_head_and_ignores_padding():
+    attn = AttentionMap(16, 4)
+    mem = torch.randn(2, 16, 3, 5)
+    pad = torch.zeros(2, 3, 5, dtype=torch.bool)
+    pad[1, :, 3:] = True
+    a = attn(torch.randn(2, 6, 16), mem, pad)
+    assert a.shape == (2, 6, 4, 3, 5)
+    torch.testing.assert_close(a.sum((-1, -2)), torch.ones(2, 6, 4))
+    assert a[1, ..., 3:].abs().max() == 0
+
+
+def test_mask_head_small_widths_groupnorm():
+    # smoke width 64 with 4 heads: 68 input channels (GroupNorm groups = gcd(68, 8) = 4)
+    head = MaskHead(68, 64, [256, 128, 64])
+    out = head(torch.randn(1, 64, 2, 2), torch.rand(1, 3, 4, 2, 2),
+               [torch.randn(1, 256, 2, 2), torch.randn(1, 128, 4, 4), torch.randn(1, 64, 8, 8)])
+    assert out.shape == (1, 3, 8, 8)
+
+
+def test_shapes_and_probe():
+    torch.manual_seed(0)
+    model = SQRModel(TinyDetector(), nheads=4)  # width and channels probed
+    assert [m.out_channels for m in model.seg_input_proj] == [20, 12, 8]  # C5, C4, C3 halved
+    images, mask = _batch()
+    out = model(images, mask)
+    assert out["pred_masks"].shape == (2, 4, 8, 6)  # stride 16
+    assert out["pred_logits"].shape == (2, 4, 3) and "hs" not in out and len(out["aux_outputs"]) == 1
+    inter = model(images, mask, return_intermediates=True)
+    assert inter["mask_attention"].shape == (2, 4, 4, 2, 2) and "features" in inter
+
+
+def _targets():
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for H, W in ((128, 96), (96, 96)):
+        m = torch.zeros(2, H, W, dtype=torch.bool)
+        m[0, 10:60, 20:70] = True
+        m[1, 40:90, 5:50] = True
+        xyxy = torch.tensor([[20, 10, 70, 60], [5, 40, 50, 90]], dtype=torch.float32)
+        n = xyxy / torch.tensor([W, H, W, H])
+        boxes = torch.cat([(n[:, :2] + n[:, 2:]) / 2, n[:, 2:] - n[:, :2]], 1)
+        out.append({"labels": torch.randint(0, 3, (2,), generator=gen), "boxes": boxes, "masks": m,
+                    "boxes_xyxy": xyxy})
+    return out
+
+
+def test_frozen_detector_gets_no_gradients_and_loss_decreases():
+    torch.manual_seed(0)
+    model = SQRModel(TinyDetector(), freeze_detector=True, nheads=4)
+    model.train()
+    assert not model.detector.training and model.mask_head.training
+    crit = SetCriterion(3, HungarianMatcher(), losses=("labels", "boxes", "masks"), num_dec_layers=2)
+    images, mask = _batch()
+    targets = _targets()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(not p.requires_grad for p in model.detector.parameters())
+    opt = torch.optim.Adam(trainable, lr=3e-3)
+    history = []
+    for _ in range(25):
+        losses = crit(model(images, mask), targets)
+        total = losses["loss_mask"] * 20 + losses["loss_dice"]
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        history.append(total.item())
+    assert all(torch.isfinite(torch.tensor(history)))
+    assert all(p.grad is None for p in model.detector.parameters())
+    assert all(p.grad is not None for p in trainable)
+    assert history[-1] < 0.7 * history[0], history
+
+
+def test_joint_training_reaches_the_detector():
+    torch.manual_seed(0)
+    model = SQRModel(TinyDetector(), nheads=4, hidden_dim=32, feature_channels=[16, 24, 40])
+    crit = SetCriterion(3, HungarianMatcher(), losses=("labels", "boxes", "masks"), num_dec_layers=2)
+    images, mask = _batch()
+    losses = crit(model(images, mask), _targets())
+    sum(losses[k] * w for k, w in crit.weight_dict.items() if k in losses).backward()
+    assert model.detector.c3.weight.grad is not None and model.detector.c3.weight.grad.abs().sum() > 0
+    branch = [p for n, p in model.named_parameters() if not n.startswith("detector.")]
+    assert all(p.grad is not None for p in branch)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_integration_smoke_sqr(frozen):
+    from solq.config import load_config
+    from solq.models import build_model
+
+    cfg = load_config("smoke", overrides=["model.num_classes=7", "model.mode=sqr",
+                                          f"model.sqr_frozen_detector={frozen}"])
+    torch.manual_seed(0)
+    model, crit, post = build_model(cfg)
+    assert isinstance(model, SQRModel)
+    images, mask = _batch()
+    out = model(images, mask)
+    assert out["pred_masks"].shape[:2] == (2, cfg.model.num_queries) and "pred_vectors" not in out
+    losses = crit(out, _targets())
+    assert {"loss_mask", "loss_dice"} <= set(losses) and all(torch.isfinite(v) for v in losses.values())
+    sum(losses[k] * w for k, w in crit.weight_dict.items() if k in losses).backward()
+    detector_grads = [p.grad is not None for p in model.detector.parameters() if p.requires_grad]
+    assert (not detector_grads) if frozen else any(detector_grads)
+    assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("detector."))
+    res = post(out, torch.tensor([[256, 192], [192, 192]]), input_sizes=torch.tensor([[128, 96], [96, 96]]))
+    assert res[1]["masks"].shape == (cfg.eval.topk, 192, 192)
