@@ -6,12 +6,23 @@ line does is also reachable from Python and from the notebooks.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 EXAMPLES = {
     "synth": "solq synth --out data/synthetic --num-train 200 --num-val 50 --image-size 256 --seed 0",
     "demo": "solq demo --out demo_output",
+    "train": "solq train --config smoke --set train.epochs=2 data.root=data/synthetic --output runs/smoke\n"
+             "  torchrun --nproc_per_node=8 -m solq.cli train --config release-r50 --set data.dataset=coco "
+             "data.root=/data/coco --output runs/r50 --resume auto",
+    "eval": "solq eval --checkpoint runs/smoke/checkpoint.pth --output runs/smoke/eval --dump runs/smoke/results\n"
+            "  solq eval --checkpoint solq_r50_final.pth --set data.dataset=coco data.root=/data/coco",
+    "predict": "solq predict --checkpoint runs/smoke/checkpoint.pth data/synthetic/val 'photos/*.jpg' "
+               "--output predictions --score-threshold 0.5",
+    "bench": "solq bench --config paper-r50 --modes uqr,sqr --size 512x852 --output bench/table5.json",
+    "run": "solq run experiments/table3b_vector_loss_weight.yaml --scale smoke",
+    "report": "solq report --runs-dir experiments/runs --out experiments/report",
 }
 
 
@@ -36,6 +47,70 @@ def _parser() -> argparse.ArgumentParser:
     d = add("demo", "The main job on the embedded data (what `make demo` runs).")
     d.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
     d.set_defaults(func=_cmd_demo)
+
+    def config_options(q: argparse.ArgumentParser, default: str | None, what: str) -> None:
+        q.add_argument("--config", default=default, metavar="PRESET|YAML",
+                       help=f"preset (paper-r50, release-r50, smoke) or YAML file; {what}")
+        q.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                       help="override config values, e.g. --set train.epochs=3 model.num_queries=100 "
+                            "(type-checked; repeatable)")
+
+    t = add("train", "Train a model (single process, or every process of a torchrun launch).")
+    config_options(t, "smoke", "default smoke")
+    t.add_argument("--output", metavar="DIR", help="run folder (config.yaml, log.jsonl, checkpoints, metrics.json); "
+                                                   "sets runtime.output_dir")
+    t.add_argument("--resume", metavar="auto|PATH", help="continue from the newest valid checkpoint in the run "
+                                                         "folder (auto) or from PATH; sets runtime.resume")
+    t.add_argument("--save-every-steps", type=int, default=None, metavar="N",
+                   help="also checkpoint every N optimiser steps, mid-epoch; sets train.save_every_steps "
+                        "(default 0: per epoch only)")
+    t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    t.set_defaults(func=_cmd_train)
+
+    e = add("eval", "Box and mask AP of a checkpoint (solq or the authors' release) on the val set.")
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth)")
+    config_options(e, None, "default: the checkpoint's own config (its model/codec sections always win)")
+    e.add_argument("--output", metavar="DIR", help="write metrics.json here")
+    e.add_argument("--dump", metavar="DIR", help="write bbox_results.json and segm_results.json (COCO results "
+                                                 "format, e.g. for the test-dev server) here")
+    e.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    e.set_defaults(func=_cmd_eval)
+
+    r = add("predict", "Run a checkpoint on images; write overlays (PNG) and COCO-format predictions.")
+    r.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth)")
+    r.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
+    r.add_argument("--output", default="predictions", metavar="DIR",
+                   help="folder for overlays, predictions.json and images.json (default predictions)")
+    r.add_argument("--score-threshold", type=float, default=0.4,
+                   help="keep detections with at least this score (default 0.4)")
+    r.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    r.add_argument("--no-overlays", action="store_true", help="only write the JSON files")
+    r.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    config_options(r, None, "default: the checkpoint's own config (its model/codec sections always win)")
+    r.set_defaults(func=_cmd_predict)
+
+    b = add("bench", "Speed, peak memory, parameters and FLOPs of a config (paper Table 5).")
+    config_options(b, "paper-r50", "default paper-r50")
+    b.add_argument("--modes", default="", metavar="M1,M2",
+                   help="model modes to compare, e.g. uqr,sqr (default: the config's model.mode)")
+    b.add_argument("--size", default="512x852", metavar="HxW", help="input height x width (default 512x852)")
+    b.add_argument("--batch-size", type=int, default=1, help="images per forward pass (default 1)")
+    b.add_argument("--iters", type=int, default=10, help="timed inference iterations (default 10)")
+    b.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default 2)")
+    b.add_argument("--train-iters", type=int, default=3, help="timed training steps; 0 skips training (default 3)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: runtime.device)")
+    b.add_argument("--output", default="bench.json", metavar="PATH", help="JSON results file (default bench.json)")
+    b.set_defaults(func=_cmd_bench)
+
+    from solq.workbench.report import add_report_arguments, report_from_args
+    from solq.workbench.runner import add_run_arguments, run_from_args
+
+    r = add("run", "Run an experiment YAML through papermill, one notebook per grid point (resumable).")
+    add_run_arguments(r)
+    r.set_defaults(func=run_from_args)
+    rep = add("report", "Compile runs into the paper's tables (Markdown, LaTeX, HTML) beside the paper's numbers.")
+    add_report_arguments(rep)
+    rep.set_defaults(func=report_from_args)
     return p
 
 
@@ -56,13 +131,102 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_config(args: argparse.Namespace):
+    from solq.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from solq.engine.train import fit
+
+    cfg = _load_config(args)
+    if args.output:
+        cfg.runtime.output_dir = args.output
+    if args.resume:
+        cfg.runtime.resume = args.resume
+    result = fit(cfg, save_every_steps=args.save_every_steps, progress_bar=not args.no_progress)
+    if _is_main_rank():
+        _print_metrics(result["metrics"])
+        print(f"run folder: {result['output_dir']} (epoch {result['epoch']}, step {result['step']})")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from solq.engine.evaluate import run_evaluation
+
+    metrics = run_evaluation(args.checkpoint, config=args.config, overrides=args.overrides,
+                             output_dir=args.output, dump_dir=args.dump, progress_bar=not args.no_progress)
+    if _is_main_rank():
+        _print_metrics(metrics)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from solq.engine.predict import predict
+
+    out = predict(args.checkpoint, args.images, output_dir=args.output, score_threshold=args.score_threshold,
+                  device=args.device, config=args.config, overrides=args.overrides,
+                  overlays=not args.no_overlays, progress_bar=not args.no_progress)
+    print(f"{out['detections']} detections on {out['images']} images -> {out['output_dir']}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from solq.config import ConfigError
+    from solq.engine.bench import bench_modes, format_bench_table
+
+    try:
+        height, width = (int(v) for v in args.size.lower().split("x"))
+    except ValueError:
+        raise ConfigError(f"--size: expected HxW such as 512x852, got {args.size!r}") from None
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    results = bench_modes(_load_config(args), modes, json_path=args.output, height=height, width=width,
+                          batch_size=args.batch_size, iters=args.iters, warmup=args.warmup,
+                          train_iters=args.train_iters, device=args.device)
+    print(format_bench_table(results))
+    print(f"written: {args.output}")
+    return 0
+
+
+def _is_main_rank() -> bool:
+    """Rank 0 of a torchrun launch (the process group is already gone when results are printed)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_metrics(metrics: dict) -> None:
+    from solq.evaluation import format_table
+
+    table = {k: v for k, v in metrics.items() if k in ("bbox", "segm", "boundary")}
+    if table:
+        print(format_table(table))
+
+
 def main(argv: list[str] | None = None) -> int:
+    from solq.config import ConfigError
+
     parser = _parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:  # bad preset, YAML, --set key or value: a message, not a traceback
+        print(f"solq {args.command}: config error: {e}", file=sys.stderr)
+        return 2
+    except _user_errors() as e:
+        print(f"solq {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _user_errors() -> tuple:
+    """Errors whose message says everything (no traceback): unreadable checkpoints, missing inputs,
+    a non-finite loss."""
+    from solq.engine.checkpoint import CheckpointError
+    from solq.engine.train import NonFiniteLossError
+
+    return (CheckpointError, NonFiniteLossError, FileNotFoundError)
 
 
 if __name__ == "__main__":

@@ -145,6 +145,7 @@ class TrainConfig:
     seed: int = 42
     eval_every: int = 1  # epochs
     save_every: int = 10  # epochs; the last checkpoint is always kept
+    save_every_steps: int = 0  # >0 also checkpoints mid-epoch every this many optimiser steps
     log_every: int = 10  # steps
 
 

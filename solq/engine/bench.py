@@ -1,0 +1,239 @@
+"""``solq bench``: speed, memory, parameters and FLOPs of a config at a given input size (paper Table 5).
+
+Measured per model mode (uqr, sqr, det):
+
+- parameters: total, trainable, the D-DETR part and the mask branch (uqr: the vector MLP ``vector_embed``;
+  sqr: everything outside the detector: attention map, FPN mask head, input reductions);
+- FLOPs of one forward pass with ``torch.utils.flop_counter.FlopCounterMode`` (matmul/conv ops; the
+  deformable sampling ``grid_sample`` is not counted), split the same way; the uqr vector MLP runs on every
+  decoder layer, so its last-layer share (what inference needs) is also given; and the FLOPs of decoding
+  one mask vector (the inverse DCT). The paper's "FLOPs" follow the fvcore convention of one
+  multiply-add = 1, i.e. our GMACs = GFLOPs / 2;
+- inference images/s of the network forward alone (as the release's benchmark.py) and with the
+  post-processing (top-k, decode, paste at the input size);
+- training steps/s (forward, loss, backward, AdamW step) on random targets;
+- peak memory: ``max_memory_allocated`` on CUDA, else the process's peak RSS (Linux: VmHWM reset before
+  each phase; elsewhere ``resource.ru_maxrss``, which covers the whole process).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from solq.config import Config
+from solq.engine.distributed import resolve_device
+
+__all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "benchmark", "bench_modes",
+           "format_bench_table"]
+
+# top-level submodules that form the mask branch, per model class
+MASK_BRANCH = {"SOLQ": ("vector_embed",), "SQRModel": ("seg_input_proj", "attention", "mask_head")}
+
+
+def mask_branch_names(model: torch.nn.Module) -> tuple[str, ...]:
+    return MASK_BRANCH.get(type(model).__name__, ())
+
+
+def count_parameters(model: torch.nn.Module) -> dict:
+    """{"total", "trainable", "detector", "mask_branch"} parameter counts (shared tensors once)."""
+    prefixes = tuple(p + "." for p in mask_branch_names(model))
+    total = trainable = mask = 0
+    for name, p in model.named_parameters():
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+        mask += p.numel() if name.startswith(prefixes) else 0
+    return {"total": total, "trainable": trainable, "detector": total - mask, "mask_branch": mask}
+
+
+def count_flops(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor) -> dict:
+    """FLOPs of one forward: {"total", "mask_branch", "detector"} (FlopCounterMode, 2 per multiply-add).
+
+    Runs with autograd enabled: FlopCounterMode's module tracker fails on some no-grad views.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    root = type(model).__name__
+    with FlopCounterMode(display=False) as counter:
+        model(images, mask)
+    flops = {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}  # hierarchical per module
+    total = counter.get_total_flops()
+    mask_flops = 0
+    for name in mask_branch_names(model):
+        key = f"{root}.{name}"
+        if key in flops:
+            mask_flops += flops[key]
+        else:  # a ModuleList is never called itself: add up its direct children
+            mask_flops += sum(v for k, v in flops.items() if k.startswith(key + ".") and "." not in k[len(key) + 1:])
+    return {"total": int(total), "mask_branch": int(mask_flops), "detector": int(total - mask_flops)}
+
+
+def _decode_flops(codec) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if codec is None:
+        return 0
+    with FlopCounterMode(display=False) as counter:
+        codec.decode(torch.zeros(1, codec.dim))
+    return int(counter.get_total_flops())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    """Bytes: peak allocated on CUDA since the last reset; on the CPU the peak RSS of the process (Linux:
+    VmHWM, which :func:`_reset_peak` resets; elsewhere ``ru_maxrss`` since the process started)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # bytes on macOS, KiB on Linux
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:  # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _random_targets(batch: int, height: int, width: int, num_objects: int, num_classes: int,
+                    device: torch.device, generator: torch.Generator) -> list[dict]:
+    """Training targets with random boxes and box-shaped masks, in the format of solq.data."""
+    targets = []
+    for _ in range(batch):
+        c = torch.rand(num_objects, 2, generator=generator) * 0.6 + 0.2
+        s = torch.rand(num_objects, 2, generator=generator) * 0.3 + 0.05
+        boxes = torch.cat([c, s], 1)  # cx, cy, w, h normalised
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32)
+        xyxy = torch.cat([c - s / 2, c + s / 2], 1) * scale
+        ys, xs = torch.arange(height)[None, :, None] + 0.5, torch.arange(width)[None, None, :] + 0.5
+        masks = ((xs >= xyxy[:, 0, None, None]) & (xs <= xyxy[:, 2, None, None])
+                 & (ys >= xyxy[:, 1, None, None]) & (ys <= xyxy[:, 3, None, None]))
+        labels = torch.randint(1, num_classes, (num_objects,), generator=generator)
+        targets.append({k: v.to(device) for k, v in {
+            "boxes": boxes, "boxes_xyxy": xyxy, "masks": masks, "labels": labels,
+            "size": torch.tensor([height, width]), "orig_size": torch.tensor([height, width])}.items()})
+    return targets
+
+
+def _timed(fn, iters: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of fn() (mean over iters after warmup)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / max(iters, 1)
+
+
+def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: int = 1, iters: int = 10,
+              warmup: int = 2, train_iters: int = 3, device: Optional[str] = None, seed: int = 0) -> dict:
+    """Measure one config (see the module docstring). ``cfg.model.num_classes`` 0 means COCO's 91.
+
+    Returns a flat dict: mode, input size, params_* (counts), gflops_* (and gmacs_*), fps_forward,
+    fps_with_postprocess, train_steps_per_s, peak_memory_*_mb, device, torch version.
+    """
+    from solq.engine.optim import build_optimizer
+    from solq.engine.evaluate import weighted_total
+    from solq.models import build_model
+
+    cfg = copy.deepcopy(cfg)
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = 91
+    dev = resolve_device(device or cfg.runtime.device)
+    torch.manual_seed(seed)
+    model, criterion, postprocessor = build_model(cfg)
+    model.to(dev)
+    criterion.to(dev)
+    images = torch.randn(batch_size, 3, height, width, device=dev)
+    mask = torch.zeros(batch_size, height, width, dtype=torch.bool, device=dev)
+    sizes = torch.tensor([[height, width]] * batch_size, device=dev)
+    params = count_parameters(model)
+    model.eval()
+    flops = count_flops(model, images, mask)
+    codec = getattr(postprocessor, "codec", None)
+    mask_last = flops["mask_branch"] / cfg.model.dec_layers if type(model).__name__ == "SOLQ" else flops["mask_branch"]
+    result = {"mode": cfg.model.mode, "backbone": cfg.model.backbone, "hidden_dim": cfg.model.hidden_dim,
+              "input": [height, width], "batch_size": batch_size, "device": str(dev), "torch": torch.__version__,
+              **{f"params_{k}": v for k, v in params.items()},
+              **{f"gflops_{k}": v / 1e9 for k, v in flops.items()},
+              "gflops_mask_branch_last_layer": mask_last / 1e9, "gflops_decode_one_mask": _decode_flops(codec) / 1e9}
+    result.update({k.replace("gflops", "gmacs"): v / 2 for k, v in list(result.items()) if k.startswith("gflops")})
+
+    _reset_peak(dev)
+    with torch.no_grad():
+        t_fwd = _timed(lambda: model(images, mask), iters, warmup, dev)
+        t_post = _timed(lambda: postprocessor(model(images, mask), sizes, with_masks=cfg.model.mode != "det",
+                                              input_sizes=sizes), iters, warmup, dev)
+    result["fps_forward"] = batch_size / t_fwd
+    result["fps_with_postprocess"] = batch_size / t_post
+    result["peak_memory_inference_mb"] = _peak_memory(dev) / 2 ** 20
+
+    if train_iters > 0:
+        model.train()
+        optimizer = build_optimizer(cfg, model)
+        g = torch.Generator().manual_seed(seed)
+        targets = _random_targets(batch_size, height, width, 5, cfg.model.num_classes, dev, g)
+
+        def step():
+            loss, _ = weighted_total(criterion(model(images, mask), targets), criterion.weight_dict)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.clip_max_norm or float("inf"))
+            optimizer.step()
+
+        _reset_peak(dev)
+        result["train_steps_per_s"] = 1.0 / _timed(step, train_iters, 1, dev)
+        result["peak_memory_train_mb"] = _peak_memory(dev) / 2 ** 20
+    return result
+
+
+def bench_modes(cfg: Config, modes: Sequence[str] = (), *, json_path: Optional[str | Path] = None,
+                **kwargs) -> list[dict]:
+    """Run :func:`benchmark` for each model mode in ``modes`` (default: the config's), write the list as
+    JSON to ``json_path`` when given, and return it."""
+    results = []
+    for mode in modes or [cfg.model.mode]:
+        c = copy.deepcopy(cfg)
+        c.model.mode = mode
+        results.append(benchmark(c, **kwargs))
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def format_bench_table(results: Sequence[dict]) -> str:
+    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS, steps/s, peak memory."""
+    head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>8} {'FPS +post':>9} " \
+           f"{'train it/s':>10} {'peak MB':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        p = f"{r['params_detector'] / 1e6:.2f} + {r['params_mask_branch'] / 1e6:.2f}"
+        f = f"{r['gmacs_detector']:.2f} + {r['gmacs_mask_branch_last_layer']:.3f}"
+        if r["gmacs_decode_one_mask"]:
+            f += f" + {r['gmacs_decode_one_mask']:.4f}"
+        peak = max(r.get("peak_memory_inference_mb", 0), r.get("peak_memory_train_mb", 0))
+        lines.append(f"{r['mode']:5} {p:>22} {f:>28} {r['fps_forward']:8.2f} {r['fps_with_postprocess']:9.2f} "
+                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""Datasets and loaders from a Config, with sampling that makes runs reproducible and resumable.
+
+Reproducibility design:
+
+- :class:`EpochSampler` orders an epoch by a permutation seeded with (seed, epoch) only, pads it to a
+  multiple of the world size by repeating its head, and gives rank r the positions r, r+W, r+2W, ...
+  So one process with batch 2B sees, step by step, exactly the images that two processes with batch B see,
+  and resuming mid-epoch is "skip the first k positions".
+- :class:`SeededDataset` draws each sample's augmentation from RNGs seeded with (seed, epoch, index) and
+  restores the global RNG states afterwards: augmentation depends neither on the number of workers nor
+  on the rank nor on where a run was resumed, and never disturbs the training RNG (dropout).
+"""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from solq.config import Config, ConfigError
+from solq.engine import distributed as du
+
+__all__ = ["EpochSampler", "SeededDataset", "dataset_paths", "build_dataset", "build_datasets",
+           "build_train_loader", "build_val_loader", "sample_seed", "prepare_codec"]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit seed mixed from (seed, epoch, index) with numpy's SeedSequence (no collisions in practice)."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, dataset_index)`` for this rank's share of one epoch.
+
+    Args:
+        num_samples: dataset length n.
+        shuffle: permute with a generator seeded by ``seed + epoch`` (else 0..n-1).
+        seed: base seed, the same on every rank.
+        rank / world_size: positions rank::world_size of the padded order are this rank's.
+        pad: repeat the head so every rank has ceil(n / world_size) items (needed for equal step counts;
+            evaluation drops the duplicates by image id).
+    Call :meth:`set_epoch` (epoch, start) before iterating: ``start`` skips this rank's first items.
+    """
+
+    def __init__(self, num_samples: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 pad: bool = True):
+        self.n, self.shuffle, self.seed = num_samples, shuffle, seed
+        self.rank, self.world, self.pad = rank, world_size, pad
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.n and len(order) % self.world:
+            extra = self.world - len(order) % self.world
+            order += (order * (extra // len(order) + 1))[:extra]
+        return order[self.rank::self.world]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, i) for i in self._indices()[self.start:]])
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.world) if self.pad else len(range(self.rank, self.n, self.world))
+        return max(per_rank - self.start, 0)
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that item ``(epoch, i)`` is produced under RNGs seeded by (seed, epoch, i).
+
+    The global torch, numpy and ``random`` states are restored after each item.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        s = sample_seed(self.seed, epoch, index)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(s)
+            random.seed(s)
+            np.random.seed(s)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
+def _worker_init(worker_id: int) -> None:
+    # numpy/random in workers follow the worker's torch seed (set by the DataLoader from its generator)
+    s = torch.initial_seed() % 2 ** 32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def dataset_paths(cfg: Config, split: str) -> tuple[Path, Path]:
+    """(image folder, annotation file) of ``split`` ("train" or "val"); empty config fields take the
+    defaults under ``data.root`` (synthetic: {root}/{split}, {root}/annotations/instances_{split}.json;
+    coco: {root}/{split}2017, {root}/annotations/instances_{split}2017.json)."""
+    d = cfg.data
+    images, ann = getattr(d, f"{split}_images"), getattr(d, f"{split}_annotations")
+    root = Path(d.root)
+    tag = split if d.dataset == "synthetic" else f"{split}2017"
+    return (Path(images) if images else root / tag,
+            Path(ann) if ann else root / "annotations" / f"instances_{tag}.json")
+
+
+def _ensure_synthetic(cfg: Config) -> None:
+    """Generate the synthetic set into data.root when an annotation file is missing (rank 0 writes,
+    the other ranks wait)."""
+    needed = [dataset_paths(cfg, s)[1] for s in ("train", "val")]
+    if all(p.is_file() for p in needed):
+        return
+    if du.is_main_process():
+        from solq.data.synthetic import generate
+
+        d = cfg.data
+        generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed)
+    du.barrier()
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise ConfigError(f"data.dataset=synthetic: generation into data.root={cfg.data.root!r} did not produce "
+                          f"{missing}; set data.train_annotations/val_annotations or remove them")
+
+
+def build_dataset(cfg: Config, split: str, *, train_transforms: Optional[bool] = None):
+    """The CocoInstances of ``split`` with the transforms of ``build_transforms`` (train augmentation for
+    "train" unless ``train_transforms`` says otherwise). Raises ConfigError naming a missing path."""
+    from solq.data import CocoInstances, build_transforms
+
+    if cfg.data.dataset == "synthetic":
+        _ensure_synthetic(cfg)
+    images, ann = dataset_paths(cfg, split)
+    for key, p in ((f"data.{split}_images", images), (f"data.{split}_annotations", ann)):
+        if not p.exists():
+            raise ConfigError(f"{key}: {p} does not exist (data.dataset={cfg.data.dataset}, data.root={cfg.data.root})")
+    train = split == "train" if train_transforms is None else train_transforms
+    return CocoInstances(str(images), str(ann), build_transforms(train, cfg.data), strict=cfg.data.strict,
+                         max_images=cfg.data.max_images)
+
+
+def build_datasets(cfg: Config) -> tuple:
+    """(train dataset, val dataset). Fills ``cfg.model.num_classes`` from the train set when it is 0."""
+    train_ds = build_dataset(cfg, "train")
+    val_ds = build_dataset(cfg, "val")
+    if cfg.model.num_classes == 0:
+        cfg.model.num_classes = int(train_ds.num_classes)
+    return train_ds, val_ds
+
+
+def build_train_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size: int = 1,
+                       pin_memory: bool = False) -> DataLoader:
+    """Training loader: EpochSampler (shuffled, seeded by train.seed) + SeededDataset, per-process batch
+    ``train.batch_size``, drop_last. Call ``loader.sampler.set_epoch(epoch, start)`` before each epoch.
+    Batches are ``solq.data.Batch``."""
+    from solq.data import collate
+
+    seed = cfg.train.seed
+    sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    if len(sampler) < cfg.train.batch_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(sampler)} training images "
+                          f"per process ({len(dataset)} images, {world_size} processes)")
+    return DataLoader(SeededDataset(dataset, seed), batch_size=cfg.train.batch_size, sampler=sampler,
+                      drop_last=True, num_workers=cfg.data.num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(seed + rank))
+
+
+def build_val_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size: int = 1,
+                     pin_memory: bool = False) -> DataLoader:
+    """Evaluation loader: dataset order, padded so every rank runs the same number of batches of
+    ``eval.batch_size`` (duplicates are dropped by image id when gathering)."""
+    from solq.data import collate
+
+    sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size, pad=world_size > 1)
+    return DataLoader(SeededDataset(dataset, cfg.train.seed), batch_size=cfg.eval.batch_size, sampler=sampler,
+                      drop_last=False, num_workers=cfg.data.num_workers, collate_fn=collate,
+                      pin_memory=pin_memory, worker_init_fn=_worker_init,
+                      generator=torch.Generator().manual_seed(cfg.train.seed + rank))
+
+
+def prepare_codec(cfg: Config, codec, train_ds, output_dir: str | Path, *, max_masks: int = 4000) -> None:
+    """Fit a pca/sparse codec that has no ``codec.file`` on GT crops of the training set (un-augmented
+    images, masks cropped to their GT boxes at the codec resolution; at most ``max_masks``, drawn from the
+    images in dataset order). Rank 0 fits and saves ``output_dir/codec.pt``, every rank loads it, and
+    ``cfg.codec.file`` is set to it so checkpoints and evaluation find the same codec. No-op for codecs
+    without a fit (dct, flatten) or already fitted ones.
+    """
+    if getattr(codec, "is_fitted", True):
+        return
+    from solq.coding import crop_to_box
+    from solq.data import CocoInstances
+
+    path = Path(output_dir) / "codec.pt"
+    if du.is_main_process() and not path.is_file():
+        raw = CocoInstances(str(train_ds.image_dir), str(train_ds.ann_file), strict=cfg.data.strict,
+                            max_images=cfg.data.max_images)
+        crops, count = [], 0
+        for i in range(len(raw)):
+            _, target = raw[i]
+            if len(target["labels"]):
+                boxes = target["boxes"].as_subclass(torch.Tensor)
+                crops.append(crop_to_box(target["masks"], boxes, codec.resolution).bool())
+                count += len(crops[-1])
+            if count >= max_masks:
+                break
+        if not count:
+            raise ConfigError(f"codec.name={cfg.codec.name}: no training masks to fit the codec on")
+        codec.fit(torch.cat(crops)[:max_masks].float())
+        codec.save(path)
+    du.barrier()
+    codec.load(path)
+    cfg.codec.file = str(path)

@@ -1,0 +1,347 @@
+"""The training loop: ``train_one_epoch`` (one pass over a loader) and ``fit`` (a whole run from a Config).
+
+Recipe (reference §1.3): AdamW with per-group learning rates, StepLR per epoch, gradient clipping with the
+total norm logged, optional gradient accumulation and mixed precision (bf16, or fp16 with a GradScaler).
+A non-finite loss stops the run with :class:`NonFiniteLossError` before anything is written, so the last
+checkpoint stays the last good one. See ``solq.engine.builders`` for why runs are reproducible and resumable.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from solq.config import Config
+from solq.engine import distributed as du
+from solq.engine.checkpoint import (FORMAT, LAST_NAME, CheckpointError, capture_rng_state, epoch_checkpoint_name,
+                                    find_resume_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
+from solq.engine.evaluate import autocast, evaluate, iou_types_for, to_float32, weighted_total
+from solq.engine.logger import MeanMeter, RunLogger, progress
+
+__all__ = ["TrainState", "NonFiniteLossError", "seed_everything", "configure_runtime", "train_one_epoch", "fit"]
+
+
+@dataclass
+class TrainState:
+    """Position of a run: ``epoch`` in progress (0-based), micro-batches of it consumed, optimiser steps."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    step: int = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; ``step`` is the optimiser step being computed, ``terms`` the
+    (rank-averaged) weighted loss terms at that moment."""
+
+    def __init__(self, message: str, step: int, terms: dict):
+        super().__init__(message)
+        self.step, self.terms = step, terms
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (all devices), numpy and ``random``."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    random.seed(seed)
+
+
+def configure_runtime(cfg: Config) -> None:
+    """Thread count and determinism switches from ``cfg.runtime``."""
+    if cfg.runtime.num_threads > 0:
+        torch.set_num_threads(cfg.runtime.num_threads)
+    if cfg.runtime.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def _total_norm(params: list[torch.Tensor], clip_max_norm: float) -> torch.Tensor:
+    """Clip to ``clip_max_norm`` when > 0; either way return the total gradient norm before clipping."""
+    if clip_max_norm > 0:
+        return torch.nn.utils.clip_grad_norm_(params, clip_max_norm)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads)
+
+
+def _format_terms(terms: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" for k, v in terms.items())
+
+
+def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.optim.Optimizer, *,
+                    device: torch.device, state: TrainState, scaler: Optional[torch.amp.GradScaler] = None,
+                    amp: str = "none", accumulate: int = 1, clip_max_norm: float = 0.1, max_steps: int = 0,
+                    logger: Optional[RunLogger] = None, log_every: int = 10,
+                    on_step: Optional[Callable[[TrainState], None]] = None, progress_bar: bool = True) -> dict:
+    """Train over the remaining batches of ``loader`` (already positioned at ``state.batch_in_epoch``).
+
+    Every ``accumulate`` micro-batches (fewer for the epoch's last group) make one optimiser step; each
+    micro-batch loss is divided by the group size, and DDP synchronises gradients only on the group's
+    last micro-batch. ``state`` is updated in place after each step, then ``on_step(state)`` is called
+    (checkpointing). Stops early once ``state.step`` reaches ``max_steps`` (> 0).
+
+    Returns the epoch means of "loss", the weighted terms, "class_error" and "grad_norm" (rank-averaged).
+    Raises NonFiniteLossError (on every rank at once) when the loss is not finite.
+    """
+    model.train()
+    criterion.train()
+    scaler = scaler or torch.amp.GradScaler(device.type, enabled=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ddp = isinstance(model, DDP)
+    pos, total = state.batch_in_epoch, state.batch_in_epoch + len(loader)
+    meter = MeanMeter()
+    bar = progress(None, total=total, initial=pos, desc=f"epoch {state.epoch}",
+                   enabled=progress_bar and du.is_main_process())
+    batches = iter(loader)
+    optimizer.zero_grad(set_to_none=True)
+    while pos < total and not (max_steps and state.step >= max_steps):
+        group = min(accumulate, total - pos)
+        step_start, data_time, step_values = time.perf_counter(), 0.0, None
+        for j in range(group):
+            t0 = time.perf_counter()
+            batch = next(batches).to(device, non_blocking=True)
+            data_time += time.perf_counter() - t0
+            sync = model.no_sync() if ddp and j < group - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast(device, amp):
+                    outputs = model(batch.images, batch.mask)
+                loss_dict = criterion(to_float32(outputs), batch.targets)
+                loss, terms = weighted_total(loss_dict, criterion.weight_dict)
+                logged = {"loss": loss, **{k: loss_dict[k] for k in loss_dict if k not in terms}, **terms}
+                keys = sorted(logged)  # the same order on every rank for the all-reduce
+                raw = torch.stack([logged[k].detach().float() for k in keys])
+                values = dict(zip(keys, du.all_reduce_mean(raw).tolist()))
+                if not math.isfinite(values["loss"]):
+                    bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {state.step + 1} (epoch {state.epoch}, batch {pos + 1} of {total}): "
+                        f"non-finite terms: {_format_terms(bad)}; all terms: {_format_terms(values)}",
+                        state.step + 1, values)
+                scaler.scale(loss / group).backward()
+            step_values = {k: v / group + (step_values or {}).get(k, 0.0) for k, v in values.items()}
+            pos += 1
+            bar.update(1)
+        scaler.unscale_(optimizer)
+        grad_norm = float(_total_norm(params, clip_max_norm))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        state.batch_in_epoch = pos
+        step_values["grad_norm"] = grad_norm
+        meter.update(step_values)
+        lrs = {g.get("name", str(i)): g["lr"] for i, g in enumerate(optimizer.param_groups)}
+        bar.set_postfix(loss=f"{step_values['loss']:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                        refresh=False)
+        if logger is not None and (state.step % max(log_every, 1) == 0 or state.step == 1):
+            logger.log({"type": "train", "epoch": state.epoch, "step": state.step, **step_values, "lr": lrs,
+                        "step_time": time.perf_counter() - step_start, "data_time": data_time,
+                        **({"scale": scaler.get_scale()} if scaler.is_enabled() else {})},
+                       step=state.step, tb_prefix="train/")
+        if on_step is not None:
+            on_step(state)
+    bar.close()
+    return meter.means()
+
+
+# ------------------------------------------------------------------------------------------------ fit
+def _unused_parameters(model, criterion, dataset, device, seed: int, rank: int) -> list[str]:
+    """Names of trainable parameters that get no gradient from one forward/backward on one training image
+    (DDP needs ``find_unused_parameters`` exactly when this is not empty). RNG states are left untouched."""
+    from solq.data import collate
+    from solq.engine.builders import SeededDataset
+
+    batch = collate([SeededDataset(dataset, seed)[(0, rank % len(dataset))]]).to(device)
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        model.train()
+        loss, _ = weighted_total(criterion(to_float32(model(batch.images, batch.mask)), batch.targets),
+                                 criterion.weight_dict)
+        loss.backward()
+    names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    model.zero_grad(set_to_none=True)
+    return names
+
+
+def _resume_source(resume: str, out: Path) -> Optional[tuple[Path, dict]]:
+    if not resume:
+        return None
+    if resume == "auto":
+        found = find_resume_checkpoint(out)
+        if found is None:
+            print(f"resume=auto: no valid checkpoint in {out}; starting from scratch")
+        return found
+    return Path(resume), load_checkpoint(resume)
+
+
+def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool = True, tensorboard: bool = True) -> dict:
+    """Train a model as ``cfg`` says, evaluating every ``train.eval_every`` epochs and at the end.
+
+    Joins the torchrun process group when launched by torchrun (and leaves it at the end if it joined).
+    Writes into ``runtime.output_dir``: ``config.yaml``, ``log.jsonl`` (+ ``tb/``), ``checkpoint.pth``,
+    ``checkpoint_epochNNNN.pth`` and ``metrics.json``. ``runtime.resume`` "auto" continues from the newest
+    valid checkpoint there, a path from that file. ``save_every_steps`` > 0 also checkpoints every that
+    many optimiser steps (mid-epoch; resuming from it is exact); None takes ``train.save_every_steps``.
+
+    Returns {"metrics": last evaluation, "epoch", "step", "output_dir", "checkpoint"}.
+    """
+    if save_every_steps is None:
+        save_every_steps = cfg.train.save_every_steps
+    created = not du.is_dist()
+    info = du.init_distributed(cfg.runtime.dist_backend, cfg.runtime.device)
+    try:
+        return _fit(cfg, info, save_every_steps, progress_bar, tensorboard)
+    finally:
+        if created:
+            du.cleanup()
+
+
+def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bool, tensorboard: bool) -> dict:
+    from solq.engine.builders import build_datasets, build_train_loader, build_val_loader, prepare_codec
+    from solq.engine.optim import build_optimizer, build_scheduler
+    from solq.models import build_model
+
+    import solq
+
+    configure_runtime(cfg)
+    device, t = info.device, cfg.train
+    out = Path(cfg.runtime.output_dir)
+    resume = _resume_source(cfg.runtime.resume, out)
+    train_ds, val_ds = build_datasets(cfg)
+    seed_everything(t.seed)  # same initial weights on every rank
+    model, criterion, postprocessor = build_model(cfg)
+    prepare_codec(cfg, getattr(criterion, "codec", None), train_ds, out)
+    model.to(device)
+    criterion.to(device)
+    optimizer = build_optimizer(cfg, model)
+    scheduler = build_scheduler(cfg, optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
+    state = TrainState()
+    if resume is not None:
+        path, ckpt = resume
+        state = _load_training_state(ckpt, path, cfg, info, model, optimizer, scheduler, scaler)
+    else:
+        seed_everything(t.seed + info.rank)
+    bare = model
+    if info.distributed:
+        unused = _unused_parameters(model, criterion, train_ds, device, t.seed, info.rank)
+        if unused and info.is_main:
+            warnings.warn(f"{len(unused)} trainable parameters get no gradient (DDP find_unused_parameters=True): "
+                          f"{unused[:5]}{' ...' if len(unused) > 5 else ''}", RuntimeWarning, stacklevel=2)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=bool(unused))
+    pin = device.type == "cuda"
+    train_loader = build_train_loader(train_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
+    val_loader = build_val_loader(val_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
+    steps_per_epoch = len(train_loader)
+    categories = {int(k): str(v) for k, v in train_ds.category_names.items()}
+    iou_types = iou_types_for(cfg.model.mode, cfg.eval.iou_types)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.to_yaml(out / "config.yaml")
+    logger = RunLogger(out, enabled=info.is_main, tensorboard=tensorboard)
+    logger.log({"type": "start", "code_version": solq.code_version(), "world_size": info.world_size,
+                "device": str(device), "resumed_from": str(resume[0]) if resume else None,
+                "epoch": state.epoch, "step": state.step, "config": cfg.to_dict()})
+
+    def save(epoch_copy: bool) -> None:
+        rngs = du.all_gather_object(capture_rng_state())  # every rank's RNG, so each resumes its own stream
+        if info.is_main:
+            ckpt = {"format": FORMAT, "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
+                    "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
+                    "batch_size": t.batch_size, "world_size": info.world_size, "config": cfg.to_dict(),
+                    "rng": rngs, "categories": categories, "code_version": solq.code_version()}
+            save_checkpoint(ckpt, out / LAST_NAME)
+            if epoch_copy:
+                save_checkpoint(ckpt, out / epoch_checkpoint_name(state.epoch))
+
+    def on_step(s: TrainState) -> None:
+        if save_every_steps > 0 and s.step % save_every_steps == 0 and s.batch_in_epoch < steps_per_epoch:
+            save(False)
+
+    def run_eval() -> dict:
+        metrics = evaluate(bare, postprocessor, val_loader, val_ds.coco, device=device, criterion=criterion,
+                           amp=t.amp, iou_types=iou_types, boundary=cfg.eval.boundary,
+                           progress_bar=progress_bar)
+        logger.log({"type": "eval", "epoch": state.epoch, "step": state.step, **metrics}, step=state.step,
+                   tb_prefix="val/")
+        return metrics
+
+    metrics: dict = {}
+    evaluated_at = -1
+    try:
+        while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
+            train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * t.batch_size)
+            epoch_start = time.perf_counter()
+            means = train_one_epoch(model, criterion, train_loader, optimizer, device=device, state=state,
+                                    scaler=scaler, amp=t.amp, accumulate=t.accumulate,
+                                    clip_max_norm=t.clip_max_norm, max_steps=t.max_steps, logger=logger,
+                                    log_every=t.log_every, on_step=on_step, progress_bar=progress_bar)
+            if state.batch_in_epoch < steps_per_epoch:  # stopped by max_steps mid-epoch
+                save(False)
+                break
+            scheduler.step()
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            logger.log({"type": "epoch", "epoch": state.epoch, "step": state.step, **means,
+                        "epoch_time": time.perf_counter() - epoch_start}, step=state.step, tb_prefix="epoch/")
+            save(t.save_every > 0 and state.epoch % t.save_every == 0)
+            if t.eval_every > 0 and state.epoch % t.eval_every == 0 and state.epoch < t.epochs:
+                metrics, evaluated_at = run_eval(), state.step
+    except NonFiniteLossError as e:
+        last = out / LAST_NAME
+        note = (f"; the last good checkpoint {last} is left unchanged" if last.exists()
+                else "; no checkpoint was written")
+        logger.log({"type": "error", "epoch": state.epoch, "step": e.step, "error": str(e)})
+        logger.close()
+        raise NonFiniteLossError(str(e) + note, e.step, e.terms) from None
+    if evaluated_at != state.step:
+        metrics = run_eval()
+    if info.is_main:
+        (out / "metrics.json").write_text(json.dumps({"epoch": state.epoch, "step": state.step, **metrics}, indent=2))
+    logger.log({"type": "end", "epoch": state.epoch, "step": state.step})
+    logger.close()
+    return {"metrics": metrics, "epoch": state.epoch, "step": state.step, "output_dir": str(out),
+            "checkpoint": str(out / LAST_NAME)}
+
+
+def _load_training_state(ckpt: dict, path: Path, cfg: Config, info: du.DistInfo, model, optimizer, scheduler,
+                         scaler) -> TrainState:
+    """Restore model/optimiser/scheduler/scaler/RNG from a solq checkpoint; returns the TrainState."""
+    if ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a solq training checkpoint (use solq eval for release weights)")
+    if ckpt["config"].get("model") != cfg.to_dict()["model"]:
+        warnings.warn(f"resuming from {path}: its model config differs from the current one", RuntimeWarning,
+                      stacklevel=3)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["lr_scheduler"])
+    if ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    state = TrainState(int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["step"]))
+    same_layout = ckpt.get("world_size") == info.world_size and ckpt.get("batch_size") == cfg.train.batch_size
+    if same_layout:
+        restore_rng_state(ckpt["rng"][info.rank])
+    else:  # different process layout: keep the epoch position in images, reseed (not bit-exact)
+        seen = state.batch_in_epoch * ckpt.get("batch_size", cfg.train.batch_size) * ckpt.get("world_size", 1)
+        state.batch_in_epoch = seen // (cfg.train.batch_size * info.world_size)
+        seed_everything(cfg.train.seed + info.rank + state.step)
+        warnings.warn(f"resuming from {path} with world_size x batch_size {info.world_size}x{cfg.train.batch_size} "
+                      f"instead of {ckpt.get('world_size')}x{ckpt.get('batch_size')}: data order is kept, RNG streams "
+                      f"are reseeded", RuntimeWarning, stacklevel=3)
+    if info.is_main:
+        print(f"resumed from {path}: epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.step}")
+    return state
