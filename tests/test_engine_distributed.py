@@ -4,9 +4,9 @@ What must hold for the equality, and how the test arranges it:
 
 - DDP averages gradients over ranks, so the per-process losses must be "sum over the batch / a global
   count": focal and box losses divide by num_boxes, which the criterion all-reduces. The release's DCT
-  vector loss is a *process-local* mean over matched pairs (reference §4), which differs between the two
-  splits whenever the ranks match different numbers of objects, so the test uses
-  ``loss.vector_loss_norm=num_boxes`` (sum / global num_boxes).
+  vector loss is a *process-local* mean over matched pairs (reference §4), which would differ between the
+  two splits whenever the ranks match different numbers of objects; our criterion divides by the matched
+  count averaged over processes instead, so the default ``loss.vector_loss_norm=mean`` is tested here.
 - One process pads the two images of a batch to a common size, two processes do not: every image must
   have the same size after the transforms (64-px squares; flips only; the crop branch crops the whole image).
 - No dropout (the RNG streams differ per rank); augmentation is seeded per (seed, epoch, image), so both
@@ -18,6 +18,7 @@ What must hold for the equality, and how the test arranges it:
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,17 @@ from pathlib import Path
 import pytest
 import torch
 
+# Input-projection conv biases: at width 32, GroupNorm(32, d) has one channel per group and subtracts its mean,
+# so their true gradient is exactly zero and Adam turns rounding-level gradients into steps of up to lr.
+# They carry nothing to compare.
+NO_SIGNAL = re.compile(r"input_proj\.\d+\.0\.bias")
+
 EQUAL_SIZE = ["data.synth_num_train=8", "data.synth_num_val=4", "data.synth_image_size=64",
               "data.train_scales=[64]", "data.max_size=64", "data.crop_resize_scales=[64]", "data.crop_min=64",
               "data.crop_max=64", "data.eval_size=64", "model.hidden_dim=32", "model.dim_feedforward=64",
               "model.nheads=2", "model.num_queries=10", "model.vector_hidden_dim=32", "codec.resolution=32",
               "codec.num_coeffs=32", "model.dropout=0.0", "model.train_backbone=false",
-              "loss.vector_loss_norm=num_boxes", "runtime.num_threads=1", "runtime.device=cpu",
+              "runtime.num_threads=1", "runtime.device=cpu",
               "train.epochs=1", "train.log_every=1"]
 
 
@@ -77,7 +83,12 @@ def test_two_gloo_processes_with_batch_one_equal_one_process_with_batch_two(tmp_
     a = torch.load(tmp_path / "single" / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "ddp" / "checkpoint.pth", weights_only=True)
     assert a["step"] == b["step"] == 4 and b["world_size"] == 2 and len(b["rng"]) == 2
+    lr = 2e-4  # the smoke preset's train.lr
     for key, value in a["model"].items():
+        if NO_SIGNAL.fullmatch(key):
+            # true gradient is exactly zero: both runs only take Adam steps (|step| <= lr) on rounding noise
+            assert (b["model"][key] - value).abs().max() <= 2 * lr * a["step"], key
+            continue
         torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-5, msg=lambda m: f"{key}: {m}")
     # step-by-step losses (rank-averaged under DDP) agree too
     ra, rb = _train_records(tmp_path / "single"), _train_records(tmp_path / "ddp")

@@ -8,8 +8,9 @@ for decoder layer i < L-1 and ``_enc`` for the encoder. ``class_error`` (last la
 
 Normalisation (release solq.py): focal, L1 and GIoU are sums divided by ``num_boxes`` (GT boxes in the
 batch, averaged over processes, at least 1). The DCT vector loss is ``coef * mean |v_hat - v|`` over
-matched pairs x coefficients (``vector_loss_norm="mean"``) or ``coef * sum |v_hat - v| / num_boxes``
-("num_boxes", the fast_solq variant). Codecs with ``loss_type == "mse_dice"`` (pca, flatten) use
+matched pairs x coefficients (``vector_loss_norm="mean"``; with several processes the matched count
+is averaged over them, as num_boxes is, so 2 processes x 1 image equal 1 process x 2 images) or
+``coef * sum |v_hat - v| / num_boxes`` ("num_boxes", the fast_solq variant). Codecs with ``loss_type == "mse_dice"`` (pca, flatten) use
 ``coef * (sum (v_hat - v)^2 / num_boxes / dim + dice(decode(v_hat), crop))`` (§3.7). The coefficient is
 applied inside the term, so ``weight_dict["loss_vector"]`` is 1.
 """
@@ -231,13 +232,16 @@ class SetCriterion(nn.Module):
             raise KeyError("SetCriterion: the 'vectors' loss needs outputs['pred_vectors'] (model.mode uqr)")
         pred = outputs["pred_vectors"]
         src = pred[_src_index(indices, pred.device)].float()
+        # "mean" divides by the matched pairs averaged over processes (every rank must join this
+        # all-reduce, so it comes before the early return); in one process it is the plain mean.
+        num_matched = self._process_average(len(src), pred.device) if self.vector_loss_norm == "mean" else 1.0
         if len(src) == 0:
             return {"loss_vector": 0.0 * pred.sum()}
         gidx = gt.global_index(indices)
         tgt = gt.vectors(self.codec)[gidx]
         if self.codec.loss_type == "l1":
             if self.vector_loss_norm == "mean":
-                loss = F.l1_loss(src, tgt, reduction="mean")
+                loss = F.l1_loss(src, tgt, reduction="sum") / (num_matched * src.shape[1])
             else:
                 loss = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         else:  # mse_dice: whitened-code MSE + dice on the decoded map (reference §3.7)
@@ -272,7 +276,12 @@ class SetCriterion(nn.Module):
     @staticmethod
     def num_boxes(targets: list[dict], device) -> float:
         """GT boxes in the batch, summed over processes / world size, clamped to >= 1."""
-        n = torch.tensor([float(sum(len(t["labels"]) for t in targets))], device=device)
+        return SetCriterion._process_average(sum(len(t["labels"]) for t in targets), device)
+
+    @staticmethod
+    def _process_average(count: int, device) -> float:
+        """``count`` summed over processes / world size (itself in one process), clamped to >= 1."""
+        n = torch.tensor([float(count)], device=device)
         world = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
