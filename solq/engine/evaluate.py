@@ -103,7 +103,7 @@ def evaluate(model: torch.nn.Module, postprocessor, loader: Iterable, coco_gt, *
         boundary: also Boundary AP of the masks (``solq.evaluation.evaluate_boundary_ap``, key "boundary").
         results_dir: also write ``bbox_results.json`` / ``segm_results.json`` (COCO results format).
     Returns:
-        {"bbox": {AP, AP50, ...}, "segm": {...}, ["boundary": {...}], "num_images": int, "time": seconds,
+        {"bbox": {AP, AP50, ...}, "segm": {...}, ["boundary": {...}], "num_images": int, "eval_seconds": seconds,
         ["loss": {...}]}
         (fractions in [0,1]); identical on every rank.
     """
@@ -147,7 +147,7 @@ def evaluate(model: torch.nn.Module, postprocessor, loader: Iterable, coco_gt, *
         keys = sorted(means)
         reduced = du.all_reduce_mean(torch.tensor([means[k] for k in keys], dtype=torch.float64, device=device))
         metrics["loss"] = dict(zip(keys, reduced.tolist()))
-    metrics["time"] = time.perf_counter() - start
+    metrics["eval_seconds"] = time.perf_counter() - start
     return metrics
 
 
