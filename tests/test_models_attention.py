@@ -146,20 +146,41 @@ def test_autocast_keeps_sampling_in_float32():
 
 
 def test_backend_registry(monkeypatch):
-    assert get_backend("auto") is ms_deform_attn_reference
+    from solq.models.msda_fused import ms_deform_attn_fused
+    from solq.models.msda_triton import ms_deform_attn_auto
+
     assert get_backend("reference") is ms_deform_attn_reference
-    with pytest.raises(ValueError, match="fused"):
-        get_backend("fused")
+    assert get_backend("fused") is ms_deform_attn_fused
+    assert get_backend("auto") is ms_deform_attn_auto
+    with pytest.raises(ValueError, match="registered"):
+        get_backend("cuda-op")
     calls = []
 
     def fake(*args):
         calls.append(1)
         return ms_deform_attn_reference(*args)
 
-    monkeypatch.setitem(da.BACKENDS, "fused", fake)  # registering a backend is one dict entry
-    assert get_backend("auto") is fake
-    attn = MSDeformAttn(8, n_levels=len(SHAPES), n_heads=2, n_points=1, backend="fused")
+    monkeypatch.setitem(da.BACKENDS, "mine", fake)  # registering a backend is one dict entry
+    assert get_backend("mine") is fake
+    attn = MSDeformAttn(8, n_levels=len(SHAPES), n_heads=2, n_points=1, backend="mine")
     _, shapes, start, _, _ = _inputs()
     S = int(shapes.prod(1).sum())
     attn(torch.randn(1, 2, 8), torch.rand(1, 2, len(SHAPES), 2), torch.randn(1, S, 8), shapes, start)
     assert calls == [1]
+
+
+def test_auto_backend_equals_reference_in_the_module():
+    """The default backend (auto: fused on CPU) gives the reference's outputs and gradients."""
+    torch.manual_seed(0)
+    ref = MSDeformAttn(16, n_levels=len(SHAPES), n_heads=2, n_points=2, backend="reference")
+    auto = MSDeformAttn(16, n_levels=len(SHAPES), n_heads=2, n_points=2, backend="auto")
+    auto.load_state_dict(ref.state_dict())
+    _, shapes, start, _, _ = _inputs()
+    S = int(shapes.prod(1).sum())
+    query, refs, value = torch.randn(2, 5, 16), torch.rand(2, 5, len(SHAPES), 2), torch.randn(2, S, 16)
+    out_ref, out_auto = ref(query, refs, value, shapes, start), auto(query, refs, value, shapes, start)
+    torch.testing.assert_close(out_auto, out_ref, atol=1e-5, rtol=1e-5)
+    out_ref.square().sum().backward()
+    out_auto.square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), auto.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")

@@ -2,7 +2,9 @@
 
 A backend is a function ``(value, spatial_shapes, level_start_index, sampling_locations,
 attention_weights) -> output`` with the shapes of :func:`ms_deform_attn_reference`; it is chosen by name
-from :data:`BACKENDS` (adding a fused kernel is one entry there). The module itself computes the
+from :data:`BACKENDS`: ``reference`` (one ``grid_sample`` per level, the definition), ``fused`` (one weighted
+``embedding_bag`` over precomputed bilinear taps, ``msda_fused.py``), ``triton`` (GPU kernel, ``msda_triton.py``)
+and ``auto`` (Triton on CUDA when available, else fused). The module itself computes the
 sampling locations and the softmaxed weights in float32 and keeps parameter names of the release
 (``sampling_offsets``, ``attention_weights``, ``value_proj``, ``output_proj``).
 """
@@ -16,6 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heads import upcast
+from .msda_fused import ms_deform_attn_fused
+from .msda_triton import ms_deform_attn_auto, ms_deform_attn_triton
 
 __all__ = ["MSDeformAttn", "ms_deform_attn_reference", "BACKENDS", "get_backend"]
 
@@ -46,18 +50,20 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, 
     return out.view(B, M, Q, Dh).transpose(1, 2).reshape(B, Q, M * Dh)
 
 
-# name -> sampling function; "auto" resolves to the first available name in _AUTO_ORDER.
-BACKENDS: dict[str, Callable[..., torch.Tensor]] = {"reference": ms_deform_attn_reference}
-_AUTO_ORDER = ("fused", "triton", "reference")
+# name -> sampling function. "auto" chooses per call: the Triton kernel for CUDA tensors when Triton works
+# (checked once), else the fused path; "reference" is the definition the others are tested against.
+BACKENDS: dict[str, Callable[..., torch.Tensor]] = {
+    "reference": ms_deform_attn_reference,
+    "fused": ms_deform_attn_fused,
+    "triton": ms_deform_attn_triton,
+    "auto": ms_deform_attn_auto,
+}
 
 
 def get_backend(name: str) -> Callable[..., torch.Tensor]:
-    """Resolve a backend name ("auto" = best registered) to its sampling function."""
-    if name == "auto":
-        name = next(n for n in _AUTO_ORDER if n in BACKENDS)
+    """Resolve a backend name (a key of :data:`BACKENDS`) to its sampling function."""
     if name not in BACKENDS:
-        raise ValueError(f"model.attention_backend: {name!r} is not available; registered: "
-                         f"{sorted(BACKENDS)} (or 'auto')")
+        raise ValueError(f"model.attention_backend: {name!r} is not available; registered: {sorted(BACKENDS)}")
     return BACKENDS[name]
 
 
