@@ -135,7 +135,13 @@ def test_midrange_threshold_is_strict_and_scale_and_dc_invariant():
     two = torch.zeros(1, 32, 32, dtype=torch.float64)
     two[0, :, :16] = 1
     assert codec.binarize(two).sum() == 32 * 16
-    assert not codec.binarize(torch.zeros(1, 32, 32)).any()  # constant map: empty mask
+    # constant maps (deviation from the reference, which returns an empty mask): the 0.5 rule
+    assert not codec.binarize(torch.zeros(1, 32, 32)).any()
+    full = torch.ones(2, 32, 32, dtype=torch.float64)
+    full[1, :4] = 0  # not constant: mid-range as usual
+    assert codec.binarize(full)[0].all() and codec.binarize(full)[1].sum() == 28 * 32
+    box_filling = torch.ones(1, 32, 32)  # a mask filling its box codes to the DC term alone
+    assert codec.binarize(codec.decode(codec.encode(box_filling))).all()
 
 
 def test_half_threshold_option():

@@ -20,8 +20,8 @@ class Codec:
     """Base class: attributes ``name``, ``resolution`` (N), ``dim`` (n_k), ``loss_type`` ("l1" | "mse_dice").
 
     Subclasses implement ``encode(masks [K,N,N]) -> [K,dim]`` and ``decode(vectors [K,dim]) -> [K,N,N]``.
-    ``threshold`` picks the binarisation: "midrange" = strict ``> (max+min)/2`` per mask (reference §3.3),
-    "0.5" = ``>= 0.5``.
+    ``threshold`` picks the binarisation: "midrange" = strict ``> (max+min)/2`` per mask (reference §3.3;
+    a constant map, which the reference turns into an empty mask, uses ``>= 0.5`` instead), "0.5" = ``>= 0.5``.
     """
 
     name: str = "codec"
@@ -60,8 +60,13 @@ class Codec:
         if decoded.shape[0] == 0:
             return decoded.new_zeros(decoded.shape, dtype=torch.bool)
         flat = decoded.flatten(1)
-        mid = (flat.amax(1) + flat.amin(1)) / 2
-        return decoded > mid[:, None, None]
+        hi, lo = flat.amax(1), flat.amin(1)
+        mid = (hi + lo) / 2
+        # A constant map (e.g. the exact code of a mask filling its whole box: only the DC term) would be
+        # empty under the strict mid-range rule, as in the reference; there the 0.5 rule decides (all or none).
+        constant = (hi - lo) <= 1e-6 * hi.abs().clamp(min=1)
+        threshold = torch.where(constant, torch.where(mid >= 0.5, lo - 1, hi + 1), mid)
+        return (flat > threshold[:, None]).view(decoded.shape)  # 2-D compare: faster than [K,1,1] broadcast
 
     def extra_repr(self) -> str:
         return f"resolution={self.resolution}, dim={self.dim}, threshold={self.threshold!r}"
@@ -165,11 +170,13 @@ class FittedCodec(Codec):
         return self
 
     def _fit_matrix(self, masks: torch.Tensor) -> torch.Tensor:
-        """Training masks [K,N,N] -> float64 CPU matrix [K,N²] (checks shape and K >= 2)."""
+        """Training masks [K,N,N] -> CPU matrix [K,N²], float64 for float64 masks, else float32 (memory:
+        20,000 crops at N = 128 are 1.3 GB in float32). Checks the shape and K >= 2."""
         m = self._masks_as_float(masks)
         if m.shape[0] < 2:
             raise ValueError(f"{self.name} codec: fit needs at least 2 masks, got {m.shape[0]}")
-        return m.detach().reshape(m.shape[0], -1).to("cpu", torch.float64)
+        dtype = torch.float64 if m.dtype == torch.float64 else torch.float32
+        return m.detach().reshape(m.shape[0], -1).to("cpu", dtype)
 
 
 def _factories() -> dict[str, Callable[..., Codec]]:

@@ -13,7 +13,6 @@ the box), and masks are processed in chunks sorted by window size, so memory sta
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -110,8 +109,8 @@ def paste_in_image(masks: torch.Tensor, boxes_xyxy: torch.Tensor, image_hw: tupl
         boxes_xyxy: [K,4] absolute (x0, y0, x1, y1) boxes, not necessarily inside the image.
         image_hw: (H, W) of the output.
         threshold: > 0; a pixel is on when its bilinear sample is >= threshold.
-        chunk_elements: bound on the window elements handled per chunk (memory ~ 10 bytes each, plus
-            one bool per pixel of the windows' full-width rows).
+        chunk_elements: bound on the float elements handled per chunk (windows, interpolation matrices and
+            full-width bool rows counted as a quarter each); peak memory ~ 12 bytes per element.
     Returns:
         bool [K,H,W] on the masks' device. Boxes with non-finite coordinates or no area give empty masks.
     """
@@ -139,7 +138,8 @@ def paste_in_image(masks: torch.Tensor, boxes_xyxy: torch.Tensor, image_hw: tupl
     order = torch.argsort(ext_h * ext_w)
     ext_np = torch.stack([ext_h, ext_w], 1)[order].cpu().numpy().astype(np.int64)
     cum = np.maximum.accumulate(ext_np, axis=0)  # upper bound of a chunk's window ending at i
-    per_mask = cum[:, 0] * cum[:, 1] + (cum[:, 0] + cum[:, 1]) * max(mh, mw)
+    # per mask: float window + tent matrices, and the bool full-width rows (1 byte: a quarter of a float)
+    per_mask = cum[:, 0] * (cum[:, 1] + width // 4) + (cum[:, 0] + cum[:, 1]) * max(mh, mw)
     s = 0
     while s < k:
         # chunk [s, e): the largest e whose bound (e-s) * per_mask[e-1] fits (monotone in e)
@@ -164,7 +164,6 @@ def paste_in_image(masks: torch.Tensor, boxes_xyxy: torch.Tensor, image_hw: tupl
         # copy whole rows into the output
         full_rows = win.new_zeros(len(idx), win_h, width)
         full_rows.scatter_(2, cols.long()[:, None, :].expand(-1, win_h, -1), win)
-        out.view(-1, width).index_copy_(0, (idx[:, None] * height + rows.long()).view(-1),
-                                        full_rows.view(-1, width))
+        out.view(-1, width)[(idx[:, None] * height + rows.long()).view(-1)] = full_rows.view(-1, width)
         s = e
     return out

@@ -59,7 +59,7 @@ class PCACodec(FittedCodec):
                 f"jitter={self.jitter}, fitted={self.is_fitted}")
 
     def fit(self, masks: torch.Tensor, *, seed: int = 0) -> "PCACodec":
-        """Fit on training crops masks [K,N,N] in {0,1} (float64 on the CPU). Returns self.
+        """Fit on training crops masks [K,N,N] in {0,1} (on the CPU; float64 for float64 masks). Returns self.
 
         Exact SVD when min(K, N²) <= 4096, else randomized SVD (torch.svd_lowrank, 6 power iterations).
         With fewer than n_k samples the missing components are zero (their codes are always 0).
@@ -70,12 +70,14 @@ class PCACodec(FittedCodec):
             x = _jitter_logit(x, g)
         mean = x.mean(0)
         xc = x - mean
+        del x
         k, d = xc.shape
         if min(k, d) <= EXACT_SVD_MAX:
             _, s, vh = torch.linalg.svd(xc, full_matrices=False)
         else:
-            torch.manual_seed(seed)  # svd_lowrank draws its random projection from the global generator
-            _, s, v = torch.svd_lowrank(xc, q=min(self.dim + 16, k, d), niter=6)
+            with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
+                torch.manual_seed(seed)
+                _, s, v = torch.svd_lowrank(xc, q=min(self.dim + 16, k, d), niter=6)
             vh = v.T
         n = min(self.dim, vh.shape[0])
         comps = xc.new_zeros(self.dim, d)
@@ -85,7 +87,7 @@ class PCACodec(FittedCodec):
         if n < self.dim:
             warnings.warn(f"pca codec: {k} training masks give only {n} components; "
                           f"the last {self.dim - n} of {self.dim} are zero")
-        total = xc.pow(2).sum() / (k - 1)
+        total = torch.linalg.vector_norm(xc) ** 2 / (k - 1)
         self._set_state({"mean": mean, "components": comps, "variance": var, "total_variance": total}, k)
         return self
 

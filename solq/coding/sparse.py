@@ -13,6 +13,8 @@ coordinate-descent Lasso does not converge and a few epochs over 700 masks take 
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .base import FittedCodec
@@ -45,16 +47,17 @@ def _update_atoms(codes: torch.Tensor, x: torch.Tensor,
     """Dictionary step: least squares D = argmin ‖x − vD‖² (MOD), then atoms scaled to unit norm.
 
     codes [K,n], x [K,D] -> (dictionary [n,D] with unit rows, the least-squares row norms [n]).
-    Atoms no code uses are restarted from random training masks.
+    Atoms no code uses are restarted as random unit directions.
     """
-    a = codes.T @ codes  # [n,n]
+    # normal equations in float64 with a tiny ridge: A is singular when fewer masks than atoms (or unused atoms)
+    a = (codes.T @ codes).double()  # [n,n]
     ridge = 1e-8 * a.diagonal().mean().clamp(min=1e-12)
-    dictionary = torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype), codes.T @ x)
+    rhs = (codes.T @ x).double()  # [n,D]
+    dictionary = torch.linalg.solve(a + ridge * torch.eye(a.shape[0], dtype=a.dtype), rhs).to(x.dtype)
     norms = dictionary.norm(dim=1)
     dead = (a.diagonal() < 1e-10) | (norms < 1e-10)
-    if dead.any():
-        samples = x[torch.randint(x.shape[0], (int(dead.sum()),), generator=generator)]
-        dictionary[dead] = samples
+    if dead.any():  # random directions (as scikit-learn): nearly orthogonal to the rest, harmless if unused
+        dictionary[dead] = torch.randn(int(dead.sum()), x.shape[1], generator=generator, dtype=x.dtype)
         norms = dictionary.norm(dim=1)
     norms = norms.clamp(min=1e-12)
     return dictionary / norms[:, None], norms
@@ -78,7 +81,7 @@ class SparseCodec(FittedCodec):
     _fit_settings = ("alpha",)
 
     def __init__(self, resolution: int = 128, num_coeffs: int = 256, alpha: float = 0.1, num_iters: int = 200,
-                 threshold: str = "0.5", fit_epochs: int = 20):
+                 threshold: str = "0.5", fit_epochs: int = 5):
         super().__init__(resolution, num_coeffs, threshold)
         if alpha < 0:
             raise ValueError(f"sparse codec: alpha must be >= 0, got {alpha}")
@@ -91,23 +94,26 @@ class SparseCodec(FittedCodec):
                 f"num_iters={self.num_iters}, fitted={self.is_fitted}")
 
     def fit(self, masks: torch.Tensor, *, seed: int = 0) -> "SparseCodec":
-        """Learn the dictionary from training crops masks [K,N,N] in {0,1} (float64, CPU). Returns self.
+        """Learn the dictionary from training crops masks [K,N,N] in {0,1} (CPU; float64 if they are). Returns self.
 
-        Atoms start from the top right singular vectors of the data (as scikit-learn), then ``fit_epochs``
-        rounds of (codes by FISTA, least-squares dictionary with unit-norm atoms).
+        Atoms start from the top right singular vectors of the data (as scikit-learn; random unit directions
+        beyond the rank), then ``fit_epochs`` rounds of (codes by FISTA, least-squares dictionary, unit atoms).
         """
         x = self._fit_matrix(masks)  # [K,D]
         k, d = x.shape
+        if k < self.dim:
+            warnings.warn(f"sparse codec: fitting {self.dim} atoms on only {k} masks; the dictionary is degenerate")
         g = torch.Generator().manual_seed(seed)
         q = min(self.dim, k, d)
         if min(k, d) <= 4096:
             atoms = torch.linalg.svd(x, full_matrices=False)[2][:q]
         else:
-            torch.manual_seed(seed)  # svd_lowrank draws its projection from the global generator
-            atoms = torch.svd_lowrank(x, q=q, niter=4)[2].T
-        if q < self.dim:  # fewer samples than atoms: fill with normalised random samples
-            extra = x[torch.randint(k, (self.dim - q,), generator=g)]
-            atoms = torch.cat([atoms, extra / extra.norm(dim=1, keepdim=True).clamp(min=1e-12)])
+            with torch.random.fork_rng(devices=[]):  # svd_lowrank draws from the global generator
+                torch.manual_seed(seed)
+                atoms = torch.svd_lowrank(x, q=q, niter=4)[2].T
+        if q < self.dim:  # fewer samples than atoms: fill with random unit directions
+            extra = torch.randn(self.dim - q, d, generator=g, dtype=x.dtype)
+            atoms = torch.cat([atoms, extra / extra.norm(dim=1, keepdim=True)])
         dictionary = atoms.clone()
         codes = None
         for _ in range(self.fit_epochs):

@@ -1,0 +1,141 @@
+"""Throughput of the mask codecs and of crop/paste (issue 3 goal: >= 50,000 masks/s each way for the DCT at
+N = 128, n_k = 256 on 2 CPU threads; the reference decodes ~130 masks/s with a Python loop, reference §3.3).
+
+    python benchmarks/bench_codecs.py --threads 2 1 --out bench_codecs.json
+
+Prints a table (one column per thread count) and writes JSON: DCT encode / decode / decode+binarize in masks
+per second for several batch sizes, PCA and flatten for comparison, and the time of crop_to_box and
+paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste).
+The load average before/after each column is recorded: on a shared machine, 2-thread numbers collapse when
+another process holds a core (OpenMP threads wait for each other), so compare with the 1-thread column.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+
+import torch
+
+from solq.coding import DCTCodec, FlattenCodec, PCACodec, crop_to_box, paste_in_image
+
+
+def _rate(fn, batch: int, min_seconds: float) -> float:
+    """Calls per second of fn() x batch (after a warm-up), timed over at least min_seconds."""
+    fn()
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds and calls >= 3:
+            return calls * batch / elapsed
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _ellipses(k: int, n: int, gen: torch.Generator, device) -> torch.Tensor:
+    """k random ellipses, float32 {0,1} [k,n,n]."""
+    yy, xx = torch.meshgrid(torch.arange(n, device=device) + 0.5, torch.arange(n, device=device) + 0.5,
+                            indexing="ij")
+    p = torch.rand(k, 4, generator=gen).to(device)
+    cy, cx = (0.3 + 0.4 * p[:, 0]) * n, (0.3 + 0.4 * p[:, 1]) * n
+    ry, rx = (0.2 + 0.3 * p[:, 2]) * n, (0.2 + 0.3 * p[:, 3]) * n
+    d = ((yy - cy[:, None, None]) / ry[:, None, None]) ** 2 + ((xx - cx[:, None, None]) / rx[:, None, None]) ** 2
+    return (d <= 1).float()
+
+
+def _coco_like_boxes(k: int, h: int, w: int, gen: torch.Generator) -> torch.Tensor:
+    """k boxes with log-uniform sides in [16, 0.9 * image side], inside an h x w image: [k,4] xyxy."""
+    r = torch.rand(k, 4, generator=gen)
+    bw = torch.exp(torch.log(torch.tensor(16.0)) + r[:, 0] * torch.log(torch.tensor(0.9 * w / 16)))
+    bh = torch.exp(torch.log(torch.tensor(16.0)) + r[:, 1] * torch.log(torch.tensor(0.9 * h / 16)))
+    x0, y0 = r[:, 2] * (w - bw), r[:, 3] * (h - bh)
+    return torch.stack([x0, y0, x0 + bw, y0 + bh], 1)
+
+
+def measure(threads: int, batches: list[int], min_seconds: float, device: torch.device) -> dict:
+    """All measurements with ``threads`` torch CPU threads: {name: value}."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    results: dict = {}
+
+    # paste / crop first, so that the peak-RSS growth is the paste's own (on the first thread count)
+    h, w, k = 800, 1333, 100
+    boxes = _coco_like_boxes(k, h, w, gen).to(device)
+    maps = _ellipses(k, 128, gen, device)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pasted = paste_in_image(maps, boxes, (h, w))
+    rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    results["paste_100_masks_800x1333_ms"] = 1e3 * _best_time(lambda: (paste_in_image(maps, boxes, (h, w)), sync()), 5)
+    results["paste_peak_rss_growth_mb"] = (rss1 - rss0) / 1024  # ru_maxrss is in KiB on Linux
+    results["crop_100_masks_800x1333_ms"] = 1e3 * _best_time(lambda: (crop_to_box(pasted, boxes, 128), sync()), 3)
+    del pasted
+
+    dct = DCTCodec(128, 256)
+    for b in batches:
+        masks = _ellipses(b, 128, gen, device)
+        vectors = dct.encode(masks)
+        results[f"dct_encode_masks_per_s@{b}"] = _rate(lambda: (dct.encode(masks), sync()), b, min_seconds)
+        results[f"dct_decode_masks_per_s@{b}"] = _rate(lambda: (dct.decode(vectors), sync()), b, min_seconds)
+        results[f"dct_decode_binarize_masks_per_s@{b}"] = _rate(
+            lambda: (dct.binarize(dct.decode(vectors)), sync()), b, min_seconds)
+
+    b = 256
+    masks = _ellipses(b, 128, gen, device)
+    pca = PCACodec(128, 256).fit(_ellipses(512, 128, gen, device))
+    codes = pca.encode(masks)
+    results[f"pca_encode_masks_per_s@{b}"] = _rate(lambda: (pca.encode(masks), sync()), b, min_seconds)
+    results[f"pca_decode_masks_per_s@{b}"] = _rate(lambda: (pca.decode(codes), sync()), b, min_seconds)
+    flat = FlattenCodec()
+    small = _ellipses(b, 28, gen, device)
+    results[f"flatten_encode_masks_per_s@{b}"] = _rate(lambda: (flat.encode(small), sync()), b, min_seconds)
+    return results
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch CPU thread counts to measure")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[100, 256, 1024], help="batch sizes")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing window per measurement")
+    parser.add_argument("--out", default="", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    results: dict = {"torch": torch.__version__, "device": str(device), "cpu": platform.processor() or platform.machine(),
+                     "cpu_count": os.cpu_count(), "N": 128, "n_k": 256}
+    for threads in args.threads:
+        # other processes share the CPU: record the load around each measurement
+        load_before = os.getloadavg()[0]
+        row = measure(threads, args.batches, args.min_seconds, device)
+        row["load_average_before"], row["load_average_after"] = load_before, os.getloadavg()[0]
+        results[f"threads={threads}"] = row
+
+    rows = [r for r in results if r.startswith("threads=")]
+    names = list(results[rows[0]])
+    width = max(len(n) for n in names)
+    print(f"DCT N=128 n_k=256, torch {results['torch']}, {results['device']}, {results['cpu_count']} CPUs")
+    print(f"{'':<{width}}" + "".join(f"{r:>14}" for r in rows))
+    for name in names:
+        print(f"{name:<{width}}" + "".join(f"{results[r][name]:>14,.1f}" for r in rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
