@@ -13,7 +13,9 @@ Measured per model mode (uqr, sqr, det):
   post-processing (top-k, decode, paste at the input size);
 - training steps/s (forward, loss, backward, AdamW step) on random targets;
 - peak memory: ``max_memory_allocated`` on CUDA, else the process's peak RSS (Linux: VmHWM reset before
-  each phase; elsewhere ``resource.ru_maxrss``, which covers the whole process).
+  each phase; elsewhere ``resource.ru_maxrss``, which covers the whole process);
+- the machine's measured float32 matmul rate (GFLOP/s of a 2048x2048 product) beside the model's achieved
+  rate (counted forward FLOPs / forward time), so the distance to the compute floor is visible.
 """
 from __future__ import annotations
 
@@ -30,8 +32,8 @@ import torch
 from solq.config import Config
 from solq.engine.distributed import resolve_device
 
-__all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "benchmark", "bench_modes",
-           "format_bench_table"]
+__all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "matmul_gflops", "benchmark",
+           "bench_modes", "format_bench_table"]
 
 # top-level submodules that form the mask branch, per model class
 MASK_BRANCH = {"SOLQ": ("vector_embed",), "SQRModel": ("seg_input_proj", "attention", "mask_head")}
@@ -72,6 +74,26 @@ def count_flops(model: torch.nn.Module, images: torch.Tensor, mask: torch.Tensor
         else:  # a ModuleList is never called itself: add up its direct children
             mask_flops += sum(v for k, v in flops.items() if k.startswith(key + ".") and "." not in k[len(key) + 1:])
     return {"total": int(total), "mask_branch": int(mask_flops), "detector": int(total - mask_flops)}
+
+
+def matmul_gflops(device: Optional[str | torch.device] = None, *, size: int = 2048, repeats: int = 5,
+                  dtype: torch.dtype = torch.float32) -> float:
+    """The machine's matmul rate in GFLOP/s: best of ``repeats`` timed [size,size] @ [size,size] products
+    (2 * size**3 FLOPs each, after one warm-up), at the current ``torch.get_num_threads()``."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=g, dtype=dtype).to(dev)
+    b = torch.randn(size, size, generator=g, dtype=dtype).to(dev)
+    out = torch.empty(size, size, dtype=dtype, device=dev)
+    torch.mm(a, b, out=out)  # warm-up: thread pool, allocator, kernel selection
+    _sync(dev)
+    best = float("inf")
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(dev)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best / 1e9
 
 
 def _decode_flops(codec) -> int:
@@ -151,7 +173,8 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     """Measure one config (see the module docstring). ``cfg.model.num_classes`` 0 means COCO's 91.
 
     Returns a flat dict: mode, input size, params_* (counts), gflops_* (and gmacs_*), fps_forward,
-    fps_with_postprocess, train_steps_per_s, peak_memory_*_mb, device, torch version.
+    achieved_gflops_forward, machine_matmul_gflops, fps_with_postprocess, train_steps_per_s,
+    peak_memory_*_mb, device, torch version.
     """
     from solq.engine.optim import build_optimizer
     from solq.engine.evaluate import weighted_total
@@ -186,6 +209,8 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
         t_post = _timed(lambda: postprocessor(model(images, mask), sizes, with_masks=cfg.model.mode != "det",
                                               input_sizes=sizes), iters, warmup, dev)
     result["fps_forward"] = batch_size / t_fwd
+    result["achieved_gflops_forward"] = result["gflops_total"] / t_fwd  # FLOPs are per batch
+    result["machine_matmul_gflops"] = matmul_gflops(dev)
     result["fps_with_postprocess"] = batch_size / t_post
     result["peak_memory_inference_mb"] = _peak_memory(dev) / 2 ** 20
 
@@ -223,10 +248,19 @@ def bench_modes(cfg: Config, modes: Sequence[str] = (), *, json_path: Optional[s
     return results
 
 
+def _rate(r: dict) -> str:
+    """Achieved / matmul GFLOP/s with the percentage, or n/a for results measured before these keys existed."""
+    got, floor = r.get("achieved_gflops_forward"), r.get("machine_matmul_gflops")
+    if got is None or not floor:
+        return "n/a"
+    return f"{got:.1f} / {floor:.1f} ({100 * got / floor:.0f}%)"
+
+
 def format_bench_table(results: Sequence[dict]) -> str:
-    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS, steps/s, peak memory."""
+    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS, steps/s, peak memory, and
+    the achieved forward GFLOP/s against the machine's matmul GFLOP/s (n/a for results without them)."""
     head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>8} {'FPS +post':>9} " \
-           f"{'train it/s':>10} {'peak MB':>9}"
+           f"{'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / matmul':>21}"
     lines = [head, "-" * len(head)]
     for r in results:
         p = f"{r['params_detector'] / 1e6:.2f} + {r['params_mask_branch'] / 1e6:.2f}"
@@ -235,5 +269,5 @@ def format_bench_table(results: Sequence[dict]) -> str:
             f += f" + {r['gmacs_decode_one_mask']:.4f}"
         peak = max(r.get("peak_memory_inference_mb", 0), r.get("peak_memory_train_mb", 0))
         lines.append(f"{r['mode']:5} {p:>22} {f:>28} {r['fps_forward']:8.2f} {r['fps_with_postprocess']:9.2f} "
-                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f}")
+                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f} {_rate(r):>21}")
     return "\n".join(lines)
