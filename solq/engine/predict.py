@@ -56,7 +56,7 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys(found))  # de-duplicate, keep order
 
 
-def _empty_target(h: int, w: int) -> dict:
+def empty_target(h: int, w: int) -> dict:
     """The raw target of an image without annotations, so the evaluation transforms apply unchanged."""
     from torchvision import tv_tensors
 
@@ -103,7 +103,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
         except OSError as e:
             raise OSError(f"{path}: cannot read the image ({e})") from None
         w, h = pil.size
-        image, target = transform(tv_tensors.Image(F.pil_to_tensor(pil)), _empty_target(h, w))
+        image, target = transform(tv_tensors.Image(F.pil_to_tensor(pil)), empty_target(h, w))
         batch = collate([(image, target)]).to(dev)
         with autocast(dev, cfg.train.amp):
             outputs = model(batch.images, batch.mask)

@@ -25,8 +25,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .coco_eval import (COCO_STAT_NAMES, _check_mask_sizes, _image_id, _load_results, _private_gt, _to_numpy,
-                        masks_to_rle, predictions_to_coco_results)
+from .coco_eval import (COCO_STAT_NAMES, _check_mask_sizes, _load_results, _private_gt, _to_numpy,
+                        masks_to_rle, predictions_to_coco_results, select_image_ids)
 
 __all__ = ["boundary_dilation", "boundary_band", "boundary_iou", "BoundaryCOCOeval", "evaluate_boundary_ap"]
 
@@ -198,22 +198,6 @@ class BoundaryCOCOeval(COCOeval):
         return ious
 
 
-def _select_image_ids(gt: COCO, predictions: Sequence[dict], image_ids: Iterable[int] | None) -> list[int]:
-    """Check every prediction's image id against the GT; default to the predicted images (as evaluate_coco)."""
-    known = set(gt.getImgIds())
-    pred_ids = []
-    for index, pred in enumerate(predictions):
-        if "image_id" not in pred:
-            raise KeyError(f"prediction #{index}: missing key 'image_id'")
-        image_id = _image_id(pred)
-        if image_id not in known:
-            raise KeyError(f"prediction #{index}: image_id={image_id} is not an image of the ground truth")
-        pred_ids.append(image_id)
-    if image_ids is None:
-        image_ids = pred_ids if pred_ids else gt.getImgIds()
-    return sorted(set(int(i) for i in image_ids))
-
-
 def _add_gt_boundaries(gt: COCO, image_ids: Iterable[int], dilation_ratio: float) -> None:
     """Attach ``"boundary"`` RLEs to the non-crowd GT annotations of the given images (one batch per image)."""
     for image_id in image_ids:
@@ -254,7 +238,7 @@ def evaluate_boundary_ap(coco_gt: COCO | str | Path, predictions: Sequence[dict]
         raise ValueError(f"unknown combine mode '{combine}'; expected one of {COMBINE_MODES}")
     gt = _private_gt(coco_gt)
     predictions = list(predictions)
-    image_ids = _select_image_ids(gt, predictions, image_ids)
+    image_ids = select_image_ids(gt, predictions, image_ids)
     _check_mask_sizes(gt, predictions)
     dt = _load_results(gt, predictions_to_coco_results(predictions, "segm"), "segm")
 

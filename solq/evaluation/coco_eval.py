@@ -175,6 +175,23 @@ def write_results_json(predictions: Sequence[dict] | None, results_dir: str | Pa
     return paths
 
 
+def select_image_ids(gt: COCO, predictions: Sequence[dict], image_ids: Iterable[int] | None) -> list[int]:
+    """Check every prediction's image id against ``gt``; return the sorted image ids to score (``image_ids``
+    when given, else the predicted images, else every GT image, which then scores 0)."""
+    known = set(gt.getImgIds())
+    pred_ids = []
+    for index, pred in enumerate(predictions):
+        if "image_id" not in pred:
+            raise KeyError(f"prediction #{index}: missing key 'image_id'")
+        image_id = _image_id(pred)
+        if image_id not in known:
+            raise KeyError(f"prediction #{index}: image_id={image_id} is not an image of the ground truth")
+        pred_ids.append(image_id)
+    if image_ids is None:
+        image_ids = pred_ids if pred_ids else gt.getImgIds()
+    return sorted(set(int(i) for i in image_ids))
+
+
 def evaluate_coco(coco_gt: COCO | str | Path, predictions: Sequence[dict],
                   iou_types: Sequence[str] = IOU_TYPES, *, results_dir: str | Path | None = None,
                   image_ids: Iterable[int] | None = None, verbose: bool = False,
@@ -204,18 +221,7 @@ def evaluate_coco(coco_gt: COCO | str | Path, predictions: Sequence[dict],
             raise ValueError(f"unknown iou type '{t}'; expected one of {IOU_TYPES}")
     gt = _private_gt(coco_gt)
     predictions = list(predictions)
-    known = set(gt.getImgIds())
-    pred_ids = []
-    for index, pred in enumerate(predictions):
-        if "image_id" not in pred:
-            raise KeyError(f"prediction #{index}: missing key 'image_id'")
-        image_id = _image_id(pred)
-        if image_id not in known:
-            raise KeyError(f"prediction #{index}: image_id={image_id} is not an image of the ground truth")
-        pred_ids.append(image_id)
-    if image_ids is None:
-        image_ids = pred_ids if pred_ids else gt.getImgIds()
-    image_ids = sorted(set(int(i) for i in image_ids))
+    image_ids = select_image_ids(gt, predictions, image_ids)
 
     if "segm" in iou_types:
         _check_mask_sizes(gt, predictions)

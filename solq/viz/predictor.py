@@ -15,6 +15,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from solq.engine.predict import empty_target
+
 from .draw import as_numpy, to_uint8_image
 
 __all__ = ["Predictor", "resolve_checkpoint", "ground_truth", "raw_dataset", "image_of", "data_overrides",
@@ -39,17 +41,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
                 return found[0]
         raise FileNotFoundError(f"checkpoint: the run folder {p} (and its subfolders) holds no checkpoint*.pth")
     raise FileNotFoundError(f"checkpoint: {p} is neither a checkpoint file nor a run folder")
-
-
-def _empty_target(h: int, w: int) -> dict:
-    """The raw target of an image without annotations, so the evaluation transforms apply unchanged."""
-    from torchvision import tv_tensors
-
-    return {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
-            "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
-            "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0, dtype=torch.int64),
-            "orig_size": torch.tensor([h, w]), "size": torch.tensor([h, w]),
-            "image_id": torch.tensor(0), "area": torch.zeros(0)}
 
 
 def image_of(image: Any) -> np.ndarray:
@@ -105,7 +96,7 @@ class Predictor:
         rgb = image_of(image)
         h, w = rgb.shape[:2]
         tensor = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
-        out, _ = self.transform(tensor, _empty_target(h, w))
+        out, _ = self.transform(tensor, empty_target(h, w))
         return out, (h, w)
 
     @torch.no_grad()
