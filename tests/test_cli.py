@@ -12,13 +12,7 @@ from solq.config import load_config
 ENGINE_COMMANDS = ("train", "eval", "predict", "bench")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -19,13 +19,7 @@ from solq.engine.checkpoint import (FORMAT, CheckpointError, build_from_checkpoi
                                     save_checkpoint)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Custom:

@@ -28,14 +28,7 @@ def tiny_overrides(root: Path, out: Path, num_train: int = 8, **extra) -> list[s
             + [f"{k}={v}" for k, v in extra.items()])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU (fit also sets it from
-    runtime.num_threads); the previous setting is restored for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _records(run: Path) -> list[dict]:

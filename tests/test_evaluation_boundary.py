@@ -13,17 +13,9 @@ from scipy import ndimage
 from solq.evaluation import (boundary_band, boundary_dilation, boundary_iou, evaluate_boundary_ap, evaluate_coco)
 
 TINY = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco2017_tiny"
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+              pytest.mark.usefixtures("one_thread")]
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Whole-image boolean ops gain nothing from 2 threads on a shared 2-core machine, and lose a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _square(size, top, left, side):

@@ -25,7 +25,7 @@ from solq.engine.optim import build_optimizer, build_scheduler
 from solq.evaluation import evaluate_coco
 from solq.models import build_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 NUM_IMAGES = 4
 IMAGE_SIZE = 128  # eval_size = max_size = IMAGE_SIZE: the eval resize keeps the original size
@@ -35,15 +35,6 @@ LR_DROP = 200  # x0.1 afterwards, as the recipe's step schedule; it settles the 
 SEED = 0
 AP_MIN = 0.8
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """A model this small trains fastest on one thread, above all on a shared, busy CPU (with 2 threads
-    a step was several times slower while other jobs ran); the previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _evaluate(model, postprocessor, batch, coco) -> dict:
