@@ -13,8 +13,6 @@ APs/APm/APl stay the mask areas.
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -25,8 +23,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .coco_eval import (COCO_STAT_NAMES, _check_mask_sizes, _load_results, _private_gt, _to_numpy,
-                        masks_to_rle, predictions_to_coco_results, select_image_ids)
+from .coco_eval import (_check_mask_sizes, _load_results, _private_gt, _to_numpy,
+                        masks_to_rle, predictions_to_coco_results, run_cocoeval, select_image_ids)
 
 __all__ = ["boundary_dilation", "boundary_band", "boundary_iou", "BoundaryCOCOeval", "evaluate_boundary_ap"]
 
@@ -258,14 +256,6 @@ def evaluate_boundary_ap(coco_gt: COCO | str | Path, predictions: Sequence[dict]
     _add_gt_boundaries(gt, [i for i in image_ids if i in detected], dilation_ratio)
 
     evaluator = BoundaryCOCOeval(gt, dt, combine=combine)
-    evaluator.params.imgIds = image_ids
-    with contextlib.redirect_stdout(io.StringIO()):
-        evaluator.evaluate()
-        evaluator.accumulate()
-    summary = io.StringIO()
-    with contextlib.redirect_stdout(summary):
-        evaluator.summarize()
-    if verbose:
-        print(f"IoU metric: boundary (dilation_ratio={dilation_ratio}, combine={combine})\n{summary.getvalue()}")
-    stats = {name: float(v) for name, v in zip(COCO_STAT_NAMES, evaluator.stats)}
+    title = f"IoU metric: boundary (dilation_ratio={dilation_ratio}, combine={combine})"
+    stats = run_cocoeval(evaluator, image_ids, title if verbose else None)
     return (stats, evaluator) if return_evaluator else stats

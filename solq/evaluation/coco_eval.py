@@ -175,6 +175,21 @@ def write_results_json(predictions: Sequence[dict] | None, results_dir: str | Pa
     return paths
 
 
+def run_cocoeval(evaluator: COCOeval, image_ids: Sequence[int], title: str | None = None) -> dict[str, float]:
+    """Evaluate, accumulate and summarise ``evaluator`` on ``image_ids`` with pycocotools' chatter silenced;
+    print the standard table under ``title`` when given. Returns the 12 stats under COCO_STAT_NAMES."""
+    evaluator.params.imgIds = list(image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    if title:
+        print(f"{title}\n{summary.getvalue()}")
+    return {name: float(v) for name, v in zip(COCO_STAT_NAMES, evaluator.stats)}
+
+
 def select_image_ids(gt: COCO, predictions: Sequence[dict], image_ids: Iterable[int] | None) -> list[int]:
     """Check every prediction's image id against ``gt``; return the sorted image ids to score (``image_ids``
     when given, else the predicted images, else every GT image, which then scores 0)."""
@@ -233,16 +248,7 @@ def evaluate_coco(coco_gt: COCO | str | Path, predictions: Sequence[dict],
     for iou_type in iou_types:
         dt = _load_results(gt, coco_results[iou_type], iou_type)
         evaluator = COCOeval(gt, dt, iouType=iou_type)
-        evaluator.params.imgIds = image_ids
-        with contextlib.redirect_stdout(io.StringIO()):
-            evaluator.evaluate()
-            evaluator.accumulate()
-        summary = io.StringIO()
-        with contextlib.redirect_stdout(summary):
-            evaluator.summarize()
-        if verbose:
-            print(f"IoU metric: {iou_type}\n{summary.getvalue()}")
-        stats[iou_type] = {name: float(v) for name, v in zip(COCO_STAT_NAMES, evaluator.stats)}
+        stats[iou_type] = run_cocoeval(evaluator, image_ids, f"IoU metric: {iou_type}" if verbose else None)
         evaluators[iou_type] = evaluator
     return (stats, evaluators) if return_evaluators else stats
 
