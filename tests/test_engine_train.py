@@ -221,3 +221,22 @@ def test_sigkill_at_an_arbitrary_step_then_resume_equals_an_uninterrupted_run(sy
     losses = [{r["step"]: r["loss"] for r in _records(run) if r["type"] == "train"}
               for run in (tmp_path / "ref", victim_dir)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 10
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_checkpoints_the_scaler(synth_root, tmp_path, amp):
+    from solq.engine.checkpoint import load_checkpoint
+    from solq.engine.train import fit
+
+    out = tmp_path / amp
+    cfg = load_config("smoke", tiny_overrides(synth_root, out, 4, **{
+        "train.epochs": 1, "train.batch_size": 2, "train.amp": amp, "train.eval_every": 100}))
+    result = fit(cfg, progress_bar=False, tensorboard=False)
+    assert result["step"] == 2
+    train = [r for r in _records(out) if r["type"] == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in train)
+    scaler = load_checkpoint(out / "checkpoint.pth")["scaler"]
+    if amp == "fp16":  # the gradient scaler is on and its state is in the checkpoint
+        assert scaler["scale"] > 0 and "_growth_tracker" in scaler
+    else:  # bf16 needs no loss scaling
+        assert scaler == {} or not scaler.get("_enabled", False)
