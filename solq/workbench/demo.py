@@ -26,7 +26,7 @@ from typing import Iterator, Mapping, Optional, Sequence
 
 __all__ = ["DEMO_STEPS", "demo_root", "run_demo", "ground_truth_as_predictions"]
 
-DEMO_STEPS = 400  # optimiser steps of each demo model (batch 2 of 256-px scenes): ~2-3 min each on two idle cores
+DEMO_STEPS = 600  # optimiser steps of each demo model (batch 2 of 256-px scenes): ~2.5-3 min each on two idle cores
 
 
 def demo_root() -> Path:
