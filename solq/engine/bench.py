@@ -180,7 +180,10 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     from solq.engine.evaluate import weighted_total
     from solq.models import build_model
 
+    from solq.engine.train import configure_runtime
+
     cfg = copy.deepcopy(cfg)
+    configure_runtime(cfg)
     if cfg.model.num_classes == 0:
         cfg.model.num_classes = 91
     dev = resolve_device(device or cfg.runtime.device)

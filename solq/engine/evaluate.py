@@ -165,9 +165,11 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
 
     from solq.engine.builders import build_dataset, build_val_loader
     from solq.engine.checkpoint import build_from_checkpoint
+    from solq.engine.train import configure_runtime
 
     created = not du.is_dist()
     cfg, model, criterion, postprocessor, _ = build_from_checkpoint(checkpoint, config=config, overrides=overrides)
+    configure_runtime(cfg)
     info = du.init_distributed(cfg.runtime.dist_backend, cfg.runtime.device)
     try:
         model.to(info.device)

@@ -83,6 +83,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
     from solq.engine.checkpoint import build_from_checkpoint
     from solq.engine.distributed import resolve_device
     from solq.engine.logger import progress
+    from solq.engine.train import configure_runtime
     from solq.evaluation import masks_to_rle
     from solq.viz.draw import draw_instances
 
@@ -90,6 +91,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
     dev = resolve_device(device)
     cfg, model, _, postprocessor, names = build_from_checkpoint(checkpoint, config=config, overrides=overrides,
                                                                 device=dev)
+    configure_runtime(cfg)
     names = names or (COCO_NAMES if cfg.model.num_classes == 91 else {})
     transform = build_transforms(False, cfg.data)
     out = Path(output_dir)

@@ -58,7 +58,10 @@ def seed_everything(seed: int) -> None:
 
 
 def configure_runtime(cfg: Config) -> None:
-    """Thread count and determinism switches from ``cfg.runtime``."""
+    """Thread count, determinism switches and CPU memory retention from ``cfg.runtime``."""
+    if cfg.runtime.keep_freed_memory:
+        from solq.engine.allocator import retain_freed_memory
+        retain_freed_memory()
     if cfg.runtime.num_threads > 0:
         torch.set_num_threads(cfg.runtime.num_threads)
     if cfg.runtime.deterministic:
