@@ -14,9 +14,13 @@ runs in a fresh subprocess, so that its peak resident set size (``ru_maxrss``) i
 
 Prints a table with min and median times, speed-ups against ``reference`` (ratio of the minima) and peak
 RSS; writes it all as JSON with ``--out``. ``--profile`` adds the top 10 ops of one forward of each
-backend (torch.profiler, by self CPU time).
+backend (torch.profiler, by self CPU time). Both backends run with freed memory kept in the process, as
+``solq`` runs (``runtime.keep_freed_memory``, ``solq/engine/allocator.py``); ``--release-memory`` measures
+glibc's default instead. ``--bf16`` also times each backend's forward under bfloat16 autocast (the opt-in
+inference mode) and reports how far its outputs are from the same backend's float32 ones.
 
     python benchmarks/bench_forward.py [--threads 2] [--repeat 3] [--out forward.json] [--profile]
+                                       [--release-memory] [--bf16]
 """
 from __future__ import annotations
 
@@ -113,7 +117,13 @@ def run_backend(backend: str, args, outputs_path: Path) -> dict:
     with torch.no_grad():
         res["forward_s"] = _times(lambda: model(images, mask), args.repeat)
         out = model(images, mask)
-        torch.save({k: out[k] for k in OUTPUT_KEYS if k in out}, outputs_path)
+        saved = {k: out[k] for k in OUTPUT_KEYS if k in out}
+        if args.bf16:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                res["forward_bf16_s"] = _times(lambda: model(images, mask), args.repeat)
+                low = model(images, mask)
+            res["bf16_max_abs_diff"] = {k: (low[k].float() - saved[k]).abs().max().item() for k in saved}
+        torch.save(saved, outputs_path)
         if args.profile:
             res["profile_forward"] = top_ops(lambda: model(images, mask))
     res["peak_rss_forward_mib"] = _peak_rss_mib()
@@ -142,7 +152,8 @@ def child(backend: str, args) -> tuple[dict, dict]:
         path = Path(tmp) / "outputs.pt"
         cmd = [sys.executable, __file__, "--_child", backend, str(path), "--threads", str(args.threads),
                "--repeat", str(args.repeat), "--seed", str(args.seed), "--height", str(args.height),
-               "--width", str(args.width)] + (["--profile"] if args.profile else [])
+               "--width", str(args.width)] + [f"--{flag.replace('_', '-')}" for flag in
+                                              ("profile", "release_memory", "bf16") if getattr(args, flag)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"backend {backend!r} failed:\n{proc.stderr.strip()[-2000:]}")
@@ -172,11 +183,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, default=852)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--profile", action="store_true", help="list the top 10 ops of one forward per backend")
+    ap.add_argument("--release-memory", action="store_true",
+                    help="glibc's default of unmapping freed memory (solq keeps it: runtime.keep_freed_memory)")
+    ap.add_argument("--bf16", action="store_true", help="also time the forward under bfloat16 autocast")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._child:
+        if not args.release_memory:
+            from solq.engine.allocator import retain_freed_memory
+            retain_freed_memory()
         print(json.dumps(run_backend(args._child[0], args, Path(args._child[1]))))
         return {}
 
@@ -196,7 +213,8 @@ def main(argv=None) -> dict:
 
     print(f"# paper-r50 width 256, {args.height}x{args.width}, batch 1, threads={args.threads}, "
           f"repeat={args.repeat} (+1 warm-up), torch={torch.__version__}, "
-          f"load avg {load_before[0]:.2f} -> {load_after[0]:.2f}, fp32 matmul {matmul:.1f} GFLOP/s")
+          f"load avg {load_before[0]:.2f} -> {load_after[0]:.2f}, fp32 matmul {matmul:.1f} GFLOP/s, freed memory "
+          f"{'released (glibc default)' if args.release_memory else 'kept'}")
     print(format_table(rows, base))
     print(f"# times: min (median); x ref: ratio of the minima; peak RSS: ru_maxrss of the backend's process")
     for name, d in diffs.items():
@@ -204,11 +222,17 @@ def main(argv=None) -> dict:
         print(f"# {name} vs {base}: max abs diff " + ", ".join(f"{k} {v:.2e}" for k, v in d.items())
               + f" -> {'within' if worst <= TOLERANCE else 'ABOVE'} {TOLERANCE:g}")
     for name, r in rows.items():
+        if "forward_bf16_s" in r:
+            diff = ", ".join(f"{k} {v:.2e}" for k, v in r["bf16_max_abs_diff"].items())
+            print(f"# {name} bf16 autocast forward: {min(r['forward_bf16_s']):.2f} s "
+                  f"({min(r['forward_s']) / min(r['forward_bf16_s']):.2f}x its fp32), max abs diff {diff}")
+    for name, r in rows.items():
         if "profile_forward" in r:
             print(f"# top ops of one {name} forward (self CPU ms, calls):")
             for op in r["profile_forward"]:
                 print(f"#   {op['name']:<48} {op['self_cpu_ms']:>9.1f} {op['calls']:>6}")
-    result = dict(threads=args.threads, repeat=args.repeat, input=[args.height, args.width], batch_size=1,
+    result = dict(threads=args.threads, repeat=args.repeat, freed_memory_kept=not args.release_memory,
+                  input=[args.height, args.width], batch_size=1,
                   torch=torch.__version__, machine=platform.processor() or platform.machine(),
                   cpu_count=os.cpu_count(), load_avg_before=load_before[0], load_avg_after=load_after[0],
                   matmul_gflops=matmul, tolerance=TOLERANCE, backends=rows, max_abs_diff=diffs)
