@@ -9,16 +9,11 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from tiny_overrides import TINY  # 64-px scenes, width 32: a training step takes a fraction of a second
 
 papermill = pytest.importorskip("papermill")
 
 ROOT = Path(__file__).resolve().parents[1]
-# 64-px synthetic scenes and a width-32 model: a training step takes a fraction of a second on one core
-TINY = ["data.synth_num_train=6", "data.synth_num_val=3", "data.synth_image_size=64", "data.train_scales=[48,64]",
-        "data.max_size=64", "data.crop_resize_scales=[64]", "data.crop_min=40", "data.crop_max=64",
-        "data.eval_size=64", "model.hidden_dim=32", "model.dim_feedforward=64", "model.nheads=2",
-        "model.num_queries=8", "model.vector_hidden_dim=32", "codec.resolution=16", "codec.num_coeffs=16",
-        "runtime.num_threads=1"]
 COCO_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
@@ -36,7 +31,7 @@ def _execute(workdir: Path, name: str, tag: str, **params) -> tuple[Path, dict, 
     executed = workdir / f"{tag}.ipynb"
     papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(executed),
                                parameters={"output_dir": str(out), **params}, kernel_name="python3",
-                               cwd=str(ROOT), progress_bar=False)
+                               cwd=str(ROOT), progress_bar=False, execution_timeout=600)  # a hung kernel fails
     return out, json.loads((out / "metrics.json").read_text()), nbformat.read(executed, as_version=4)
 
 

@@ -6,17 +6,12 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from tiny_overrides import TINY  # 64-px scenes, width 32: the smoke model trains in seconds on one core
 
 papermill = pytest.importorskip("papermill")
 pytestmark = pytest.mark.slow  # three kernels, one tiny training run
 
 ROOT = Path(__file__).resolve().parents[1]
-# 64-px synthetic scenes and a width-32 model: the smoke model trains in seconds on one core
-TINY = ["data.synth_num_train=6", "data.synth_num_val=3", "data.synth_image_size=64", "data.train_scales=[48,64]",
-        "data.max_size=64", "data.crop_resize_scales=[64]", "data.crop_min=40", "data.crop_max=64",
-        "data.eval_size=64", "model.hidden_dim=32", "model.dim_feedforward=64", "model.nheads=2",
-        "model.num_queries=8", "model.vector_hidden_dim=32", "codec.resolution=16", "codec.num_coeffs=16",
-        "runtime.num_threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +30,7 @@ def _run(workdir: Path, name: str, **params) -> tuple[Path, nbformat.NotebookNod
     executed = workdir / f"{name}.ipynb"
     papermill.execute_notebook(str(ROOT / "notebooks" / f"{name}.ipynb"), str(executed),
                                parameters={**base, **params}, kernel_name="python3", cwd=str(ROOT),
-                               progress_bar=False)
+                               progress_bar=False, execution_timeout=600)  # a hung kernel fails, not CI
     return out, nbformat.read(executed, as_version=4)
 
 
