@@ -68,23 +68,33 @@ if triton is not None:
         return (base + (yi * W + xi).to(tl.int64)) * M, inside
 
     @triton.jit
-    def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, aw_ptr, out_ptr, S, Q,
-                         M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
-                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+    def _program_tile(Q, M: tl.constexpr, D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+        """This program's (image b, head m, query offsets [BLOCK_Q], channel offsets [BLOCK_D], their masks,
+        bag indices (b, q, m) [BLOCK_Q] int64)."""
         pid_q = tl.program_id(0)
         pid_bm = tl.program_id(1)
         b = pid_bm // M
         m = pid_bm % M
         offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_q = offs_q < Q
-        mask_d = offs_d < D
-        bqm = (b * Q + offs_q).to(tl.int64) * M + m  # bag (b, q, m) [BLOCK_Q]
+        bqm = (b * Q + offs_q).to(tl.int64) * M + m
+        return b, m, offs_q, offs_d, offs_q < Q, offs_d < D, bqm
+
+    @triton.jit
+    def _level(shapes_ptr, starts_ptr, lvl, b, S):
+        """(H, W) int32 of level lvl and the token index of its (0, 0) in image b (int64)."""
+        H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
+        W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
+        return H, W, b.to(tl.int64) * S + tl.load(starts_ptr + lvl)
+
+    @triton.jit
+    def _msda_fwd_kernel(value_ptr, shapes_ptr, starts_ptr, loc_ptr, aw_ptr, out_ptr, S, Q,
+                         M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
+                         BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
+        b, m, offs_q, offs_d, mask_q, mask_d, bqm = _program_tile(Q, M, D, BLOCK_Q, BLOCK_D)
         acc = tl.zeros((BLOCK_Q, BLOCK_D), dtype=ACC)
         for lvl in tl.static_range(L):
-            H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-            W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-            base = b.to(tl.int64) * S + tl.load(starts_ptr + lvl)  # token index of the level's (0, 0)
+            H, W, base = _level(shapes_ptr, starts_ptr, lvl, b, S)
             for p in tl.static_range(P):
                 pt = (bqm * L + lvl) * P + p
                 x0, y0, fx, fy, a, ok = _tap_coords(loc_ptr, aw_ptr, pt, mask_q, W, H, ACC)
@@ -105,21 +115,11 @@ if triton is not None:
                          grad_value_ptr, grad_loc_ptr, grad_aw_ptr, S, Q,
                          M: tl.constexpr, D: tl.constexpr, L: tl.constexpr, P: tl.constexpr,
                          BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr):
-        pid_q = tl.program_id(0)
-        pid_bm = tl.program_id(1)
-        b = pid_bm // M
-        m = pid_bm % M
-        offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_q = offs_q < Q
-        mask_d = offs_d < D
-        bqm = (b * Q + offs_q).to(tl.int64) * M + m
+        b, m, offs_q, offs_d, mask_q, mask_d, bqm = _program_tile(Q, M, D, BLOCK_Q, BLOCK_D)
         g = tl.load(grad_out_ptr + bqm[:, None] * D + offs_d[None, :],
                     mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(ACC)  # [BLOCK_Q, BLOCK_D]
         for lvl in tl.static_range(L):
-            H = tl.load(shapes_ptr + 2 * lvl).to(tl.int32)
-            W = tl.load(shapes_ptr + 2 * lvl + 1).to(tl.int32)
-            base = b.to(tl.int64) * S + tl.load(starts_ptr + lvl)
+            H, W, base = _level(shapes_ptr, starts_ptr, lvl, b, S)
             for p in tl.static_range(P):
                 pt = (bqm * L + lvl) * P + p
                 x0, y0, fx, fy, a, ok = _tap_coords(loc_ptr, aw_ptr, pt, mask_q, W, H, ACC)
