@@ -170,7 +170,7 @@ def _grad_table_by_points(grad_out, top_left, taps, spatial_shapes, level_start_
     # tap c of point (n,k) is element n*4K + c*K + k of taps
     weight_index = (perm + bag * (3 * K)) + torch.arange(4, device=perm.device).view(4, 1) * K  # [4,NK]
     G = F.embedding_bag(bag.to(idt).repeat(4), grad_out, offsets,
-                        per_sample_weights=taps.reshape(-1)[weight_index.view(-1)], mode="sum")  # [4R, D]
+                        per_sample_weights=taps.reshape(-1).index_select(0, weight_index.view(-1)), mode="sum")
     pos, pw = _token_positions(spatial_shapes, level_start_index, S, idt)
     shift = torch.tensor([0, 0, 1, 1], device=pos.device, dtype=idt) * pw.view(S, 1) \
         + torch.tensor([0, 1, 0, 1], device=pos.device, dtype=idt)  # [S,4]: token = top-left + shift
