@@ -11,8 +11,9 @@ import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from solq.workbench import runner
+from solq.workbench.experiment_file import SCALES, expand_grid, load_experiment, point_slug
 from solq.workbench.paper import load_paper_tables
-from solq.workbench.runner import (MARKER, expand_grid, load_experiment, point_slug, run_experiment)
+from solq.workbench.runner import MARKER, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
@@ -217,7 +218,7 @@ def test_shipped_experiment(path):
     assert exp.notebook.parent == ROOT / "notebooks"
     assert exp.raw.get("claim"), f"{path.name}: say what the paper claims"
     tables = load_paper_tables()
-    for scale in runner.SCALES:
+    for scale in SCALES:
         points = exp.points(scale, runs_dir=ROOT / "experiments" / "runs")
         assert points and len({p.name for p in points}) == len(points)
         for p in points:
@@ -250,7 +251,7 @@ def test_experiment_parameters_exist_in_notebook(path):
     if not exp.notebook.is_file():
         pytest.skip(f"{exp.notebook.name} not written yet")
     declared = set(papermill.inspect_notebook(str(exp.notebook)))
-    for scale in runner.SCALES:
+    for scale in SCALES:
         for p in exp.points(scale):
             assert set(p.parameters) | {"output_dir"} <= declared, (
                 f"{path.name} [{scale}]: {sorted(set(p.parameters) | {'output_dir'} - declared)} "

@@ -1,6 +1,8 @@
 """solq.data: COCO-format instance dataset, transforms, batching, shipped samples.
 
 - :class:`CocoInstances` (coco.py): validated COCO dataset on pycocotools.
+- :class:`DatasetReport`, :class:`DatasetError`, :class:`DataWarning` (validation.py): the annotation checks.
+- :class:`ImageLoadError` (images.py): an image file missing, unreadable or of the wrong size.
 - :func:`build_transforms` (transforms.py): reference §7.2 augmentation / eval resize, v2 + tv_tensors.
 - :func:`collate` / :class:`Batch` (batching.py): padding to the batch max with a padding mask.
 - :func:`samples_dir`: 8 permissively licensed COCO images with annotations, shipped in the package.
@@ -9,8 +11,10 @@
 from pathlib import Path
 
 from .batching import Batch, collate
-from .coco import CocoInstances, DataWarning, DatasetError, DatasetReport, ImageLoadError
+from .coco import CocoInstances
+from .images import ImageLoadError
 from .transforms import build_transforms
+from .validation import DatasetError, DatasetReport, DataWarning
 
 __all__ = ["CocoInstances", "DatasetReport", "DatasetError", "ImageLoadError", "DataWarning",
            "build_transforms", "collate", "Batch", "samples_dir"]

@@ -80,7 +80,7 @@ def to_uint8_image(image: Any) -> np.ndarray:
     Raises ValueError naming the shape or range that is wrong.
     """
     if isinstance(image, (str, Path)):
-        from solq.data.coco import load_rgb
+        from solq.data.images import load_rgb
 
         return np.asarray(load_rgb(image)[0])
     if hasattr(image, "convert") and hasattr(image, "size") and not hasattr(image, "shape"):  # PIL

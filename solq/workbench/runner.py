@@ -1,63 +1,38 @@
 """Run an experiment (one YAML per paper table or figure) through papermill, one notebook per grid point.
 
-An experiment YAML (see ``experiments/``)::
+The YAML format, its grid and ``${...}`` parameters are described in :mod:`solq.workbench.experiment_file`.
+Every point runs in ``runs_dir/<experiment>/<scale>/<point>/`` (executed ``notebook.ipynb``, ``metrics.json``,
+figures, ``log.txt``) with the project root as working directory; the runner passes ``scale`` and
+``output_dir`` itself. A point is complete when metrics.json and the marker ``.complete.json`` (holding the
+parameters it ran with) exist; complete points are skipped.
 
-    name: table3b_vector_loss_weight     # optional, defaults to the file name
-    title: "Table 3b: ..."               # and ``claim:`` (what the paper says), both free text
-    notebook: notebooks/ablation.ipynb   # relative to the project root (the folder holding experiments/)
-    requires: [table2_uqr_vs_sqr]        # experiments whose runs at the same scale this one reads
-    parameters: {...}                    # notebook parameters shared by every scale and point
-    grid: {vector_loss_coef: [0.3, 1]}   # factor(s) under study: product of lists, or a list of points
-    scales:                              # exactly the scales `smoke` and `paper`, each with
-      smoke: {description, parameters, grid (replaces the top-level grid), timeout (s per cell)}
-      paper: {...}
-    report: {...}                        # table layout, read by solq.workbench.report
-
-String parameters may use ``${runs_dir}``, ``${scale}``, ``${experiment}``, ``${root}`` (project root)
-and ``${<other parameter>}``. Every point runs in ``runs_dir/<experiment>/<scale>/<point>/`` (executed
-``notebook.ipynb``, ``metrics.json``, figures, ``log.txt``) with the project root as working directory;
-the runner passes ``scale`` and ``output_dir`` itself. A point is complete when metrics.json and the
-marker ``.complete.json`` (holding the parameters it ran with) exist; complete points are skipped.
+- :func:`run_experiment` -> one :class:`PointResult` per point (done | skipped | failed | pending);
+  resumes by skipping complete points, reports a failing cell with its source and the log's path.
+- :func:`ensure_kernel`: a Jupyter kernel that starts this interpreter.
+- :func:`add_run_arguments`, :func:`parse_overrides`, :func:`run_from_args`: the ``solq run`` command.
 """
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import itertools
 import json
 import os
 import re
-import string
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import yaml
 
-__all__ = ["Experiment", "Point", "PointResult", "load_experiment", "expand_grid", "point_slug",
-           "ensure_kernel", "run_experiment", "add_run_arguments", "parse_overrides", "run_from_args", "SCALES",
+from solq.workbench.experiment_file import SCALES, Experiment, Point, load_experiment
+
+__all__ = ["PointResult", "ensure_kernel", "run_experiment", "add_run_arguments", "parse_overrides", "run_from_args",
            "MARKER"]
 
-SCALES = ("smoke", "paper")
 MARKER = ".complete.json"
-_TOP_KEYS = {"name", "title", "claim", "description", "notebook", "requires", "parameters", "grid",
-             "scales", "report"}
-_SCALE_KEYS = {"description", "parameters", "grid", "timeout", "report"}
-_INJECTED = ("scale", "output_dir")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
-
-
-@dataclass
-class Point:
-    """One grid point: ``name`` (stable slug of ``values``), the grid ``values``, and all notebook
-    ``parameters`` (without ``output_dir``)."""
-
-    name: str
-    values: dict
-    parameters: dict
 
 
 @dataclass
@@ -75,157 +50,6 @@ class PointResult:
     @property
     def metrics_path(self) -> Path:
         return self.output_dir / "metrics.json"
-
-
-@dataclass
-class Experiment:
-    """A parsed experiment YAML (see the module docstring)."""
-
-    name: str
-    path: Path
-    root: Path
-    notebook: Path
-    title: str
-    raw: dict = field(repr=False)
-
-    def scale_spec(self, scale: str) -> dict:
-        if scale not in self.raw["scales"]:
-            raise ValueError(f"{self.path}: no scale {scale!r}; scales: {sorted(self.raw['scales'])}")
-        return self.raw["scales"][scale] or {}
-
-    def points(self, scale: str, overrides: dict | None = None, runs_dir: str | Path = "experiments/runs"
-               ) -> list[Point]:
-        """The grid points at ``scale``, in grid order, with resolved parameters."""
-        spec = self.scale_spec(scale)
-        grid = spec.get("grid", self.raw.get("grid"))
-        base = {**(self.raw.get("parameters") or {}), **(spec.get("parameters") or {})}
-        overrides = dict(overrides or {})
-        points, seen = [], {}
-        for values in expand_grid(grid, where=f"{self.path}: grid"):
-            clash = sorted(set(values) & set(overrides))
-            if clash:
-                raise ValueError(f"{self.path}: cannot override grid parameter(s) {clash}; "
-                                 f"select points instead")
-            for key in _INJECTED:
-                if key in base or key in values:
-                    raise ValueError(f"{self.path}: parameter {key!r} is set by the runner; remove it")
-            params = {**base, **values, **overrides, "scale": scale}
-            params = _substitute(params, {"runs_dir": str(Path(runs_dir).resolve()), "scale": scale,
-                                          "experiment": self.name, "root": str(self.root)}, self.path)
-            name = point_slug(values)
-            if name in seen:
-                raise ValueError(f"{self.path}: grid points {seen[name]} and {values} share the name {name!r}")
-            seen[name] = values
-            points.append(Point(name, values, params))
-        return points
-
-
-def _substitute(params: dict, builtins: dict, where: Path) -> dict:
-    """Replace ``${name}`` in string values (also inside lists) by builtins or other parameters."""
-    mapping = {**{k: v for k, v in params.items() if isinstance(v, (str, int, float))}, **builtins}
-
-    def sub(key: str, v: Any) -> Any:
-        if isinstance(v, str) and "$" in v:
-            try:
-                return string.Template(v).substitute(mapping)
-            except (KeyError, ValueError) as e:
-                raise ValueError(f"{where}: parameter {key!r}: cannot fill {v!r} ({e}); "
-                                 f"available: {sorted('${' + k + '}' for k in mapping)}") from None
-        if isinstance(v, list):
-            return [sub(key, x) for x in v]
-        return v
-
-    return {k: sub(k, v) for k, v in params.items()}
-
-
-def expand_grid(grid: Any, where: str = "grid") -> list[dict]:
-    """``{"a": [1, 2], "b": ["x"]}`` -> the product as a list of dicts (key order kept; a scalar is
-    a one-value list); a list of dicts is taken as explicit points; None/empty -> ``[{}]``."""
-    if not grid:
-        return [{}]
-    if isinstance(grid, dict):
-        keys = list(grid)
-        lists = [v if isinstance(v, list) else [v] for v in grid.values()]
-        for k, v in zip(keys, lists):
-            if not v:
-                raise ValueError(f"{where}.{k}: empty list of values")
-        return [dict(zip(keys, combo)) for combo in itertools.product(*lists)]
-    if isinstance(grid, list):
-        for i, p in enumerate(grid):
-            if not isinstance(p, dict):
-                raise ValueError(f"{where}[{i}]: expected a mapping of parameter values, got {p!r}")
-        return [dict(p) for p in grid]
-    raise ValueError(f"{where}: expected a mapping of lists or a list of mappings, got {type(grid).__name__}")
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v).lower()
-    if isinstance(v, float):
-        return repr(v)
-    if isinstance(v, (list, tuple)):
-        return "-".join(_fmt(x) for x in v)
-    if isinstance(v, dict):
-        return json.dumps(v, sort_keys=True, separators=(",", ":"))
-    return str(v)
-
-
-def point_slug(values: dict) -> str:
-    """A stable, file-safe name for grid ``values``: ``"key=value__key2=value2"`` ("default" when
-    empty); long names are cut and suffixed with a hash of the values."""
-    if not values:
-        return "default"
-    slug = "__".join(f"{k}={_fmt(v)}" for k, v in values.items())
-    slug = re.sub(r"[^A-Za-z0-9._=+-]+", "-", slug).strip("-")
-    if len(slug) > 120:
-        digest = hashlib.sha1(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:10]
-        slug = f"{slug[:100]}-{digest}"
-    return slug
-
-
-def load_experiment(path: str | Path, *, require_notebook: bool = True) -> Experiment:
-    """Parse and check an experiment YAML; ValueError names the file and the key at fault
-    (also when the notebook does not exist, unless ``require_notebook`` is False)."""
-    path = Path(path).resolve()
-    if not path.is_file():
-        raise ValueError(f"experiment file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    unknown = sorted(set(raw) - _TOP_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(_TOP_KEYS)}")
-    if "notebook" not in raw:
-        raise ValueError(f"{path}: missing key 'notebook'")
-    scales = raw.get("scales")
-    if not isinstance(scales, dict) or set(scales) != set(SCALES):
-        raise ValueError(f"{path}: 'scales' must define exactly {list(SCALES)}, got "
-                         f"{sorted(scales) if isinstance(scales, dict) else scales!r}")
-    for s, spec in scales.items():
-        if spec is not None and not isinstance(spec, dict):
-            raise ValueError(f"{path}: scales.{s}: expected a mapping")
-        bad = sorted(set(spec or {}) - _SCALE_KEYS)
-        if bad:
-            raise ValueError(f"{path}: scales.{s}: unknown key(s) {bad}; valid keys: {sorted(_SCALE_KEYS)}")
-    for key in ("parameters",):
-        if raw.get(key) is not None and not isinstance(raw[key], dict):
-            raise ValueError(f"{path}: {key!r} must be a mapping")
-    name = str(raw.get("name") or path.stem)
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ValueError(f"{path}: name {name!r} must be letters, digits, '_', '.', '-'")
-    root = path.parent.parent
-    nb = Path(raw["notebook"])
-    candidates = [nb] if nb.is_absolute() else [root / nb, path.parent / nb]
-    notebook = next((c.resolve() for c in candidates if c.is_file()), None)
-    if notebook is None and not require_notebook:
-        notebook = candidates[0].resolve()
-    if notebook is None:
-        raise ValueError(f"{path}: notebook {raw['notebook']!r} not found (looked at "
-                         f"{', '.join(str(c) for c in candidates)})")
-    return Experiment(name, path, root, notebook, str(raw.get("title", name)), raw)
 
 
 def ensure_kernel(name: str = "python3", private_dir: str | Path | None = None) -> list[str]:
