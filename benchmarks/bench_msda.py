@@ -7,6 +7,9 @@ weights), repetitions interleaved across backends so that load from other proces
 reports the minimum and median. Peak memory is measured in a fresh subprocess per (backend, shape, mode):
 on CPU the rise of the peak resident set size over the inputs, on CUDA ``max_memory_allocated``.
 
+Freed memory is kept in the process, as ``solq`` runs (``runtime.keep_freed_memory``); ``--release-memory``
+measures glibc's default instead.
+
     python benchmarks/bench_msda.py [--threads 2] [--repeat 5] [--device cpu] [--out msda.json]
 """
 from __future__ import annotations
@@ -133,9 +136,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--no-memory", action="store_true", help="skip the per-run memory subprocesses")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    ap.add_argument("--release-memory", action="store_true",
+                    help="glibc's default of unmapping freed memory (solq keeps it: runtime.keep_freed_memory)")
     ap.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.release_memory:
+        from solq.engine.allocator import retain_freed_memory
+        retain_freed_memory()
     if args._memory:
         print(peak_memory_mib(*args._memory, args.device))
         return {}
@@ -162,7 +170,7 @@ def main(argv=None) -> dict:
 
     mem_kind = "peak alloc" if args.device.startswith("cuda") else "peak RSS rise"
     print(f"# device={args.device} threads={args.threads} repeat={args.repeat} torch={torch.__version__} "
-          f"load={os.getloadavg()[0]:.2f}")
+          f"load={os.getloadavg()[0]:.2f} freed memory {'released' if args.release_memory else 'kept'}")
     print(f"{'backend':<10} {'shape':<8} {'Q':>5} {'fwd ms':>16} {'fwd+bwd ms':>16} "
           f"{'fwd MiB':>8} {'f+b MiB':>8} {'x ref fwd':>9} {'x ref f+b':>9}")
     by = {(r["backend"], r["shape"], r["mode"]): r for r in rows}
