@@ -4,8 +4,11 @@ N = 128, n_k = 256 on 2 CPU threads; the reference decodes ~130 masks/s with a P
     python benchmarks/bench_codecs.py --threads 2 1 --out bench_codecs.json
 
 Prints a table (one column per thread count) and writes JSON: DCT encode / decode / decode+binarize in masks
-per second for several batch sizes, PCA and flatten for comparison, and the time of crop_to_box and
-paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste).
+per second for several batch sizes, PCA and flatten for comparison, the time of crop_to_box and
+paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
+and the full post-processing of one 512x512 image (issue 4 goal: well under 100 ms on 2 CPU threads):
+``PostProcess`` top-100 over 300 queries x 91 classes, batched DCT decode, binarise and paste into the
+predicted boxes, next to the paste alone.
 The load average before/after each column is recorded: on a shared machine, 2-thread numbers collapse when
 another process holds a core (OpenMP threads wait for each other), so compare with the 1-thread column.
 """
@@ -21,6 +24,7 @@ import time
 import torch
 
 from solq.coding import DCTCodec, FlattenCodec, PCACodec, crop_to_box, paste_in_image
+from solq.models.postprocess import PostProcess
 
 
 def _rate(fn, batch: int, min_seconds: float) -> float:
@@ -65,6 +69,18 @@ def _coco_like_boxes(k: int, h: int, w: int, gen: torch.Generator) -> torch.Tens
     return torch.stack([x0, y0, x0 + bw, y0 + bh], 1)
 
 
+def _detector_outputs(codec, queries: int, classes: int, h: int, w: int, gen: torch.Generator, device):
+    """UQR detector outputs for one h x w image: ``pred_logits`` [1,Q,C], ``pred_boxes`` [1,Q,4] (COCO-like
+    sizes, normalised cxcywh), ``pred_vectors`` [1,Q,n_k] (codes of random ellipses); and orig_sizes [1,2]."""
+    xyxy = _coco_like_boxes(queries, h, w, gen)
+    scale = torch.tensor([w, h, w, h], dtype=torch.float32)
+    cxcywh = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / scale
+    outputs = {"pred_logits": torch.randn(1, queries, classes, generator=gen).to(device),
+               "pred_boxes": cxcywh[None].to(device),
+               "pred_vectors": codec.encode(_ellipses(queries, codec.resolution, gen, device))[None]}
+    return outputs, torch.tensor([[h, w]], device=device)
+
+
 def measure(threads: int, batches: list[int], min_seconds: float, device: torch.device) -> dict:
     """All measurements with ``threads`` torch CPU threads: {name: value}."""
     torch.set_num_threads(threads)
@@ -85,6 +101,13 @@ def measure(threads: int, batches: list[int], min_seconds: float, device: torch.
     del pasted
 
     dct = DCTCodec(128, 256)
+    outputs, sizes = _detector_outputs(dct, 300, 91, 512, 512, gen, device)
+    post = PostProcess(codec=dct, topk=100)
+    results["postprocess_100_masks_512x512_ms"] = 1e3 * _best_time(lambda: (post(outputs, sizes), sync()), 10)
+    top = post(outputs, sizes)[0]
+    maps = dct.binarize(dct.decode(outputs["pred_vectors"][0, top["query_index"]]))
+    results["paste_100_masks_512x512_ms"] = 1e3 * _best_time(
+        lambda: (paste_in_image(maps, top["boxes"], (512, 512)), sync()), 10)
     for b in batches:
         masks = _ellipses(b, 128, gen, device)
         vectors = dct.encode(masks)

@@ -152,3 +152,43 @@ def test_crop_then_paste_recovers_a_box_aligned_rectangle():
     boxes = torch.tensor([[5.0, 10.0, 45.0, 30.0], [40.0, 20.0, 69.0, 49.0]])
     back = paste_in_image(crop_to_box(masks, boxes, 32), boxes, (50, 70))
     assert torch.equal(back, masks)
+
+
+def _grid_sample_paste(maps, boxes, hw, threshold=0.5):
+    """All masks in one grid_sample call, in the maps' dtype (the separable gathers must agree with it)."""
+    h, w = hw
+    x0, y0, x1, y1 = boxes.to(maps.dtype).unbind(1)
+    gx = ((torch.arange(w, dtype=maps.dtype) + 0.5)[None] - x0[:, None]) / (x1 - x0)[:, None] * 2 - 1  # [K,W]
+    gy = ((torch.arange(h, dtype=maps.dtype) + 0.5)[None] - y0[:, None]) / (y1 - y0)[:, None] * 2 - 1  # [K,H]
+    grid = torch.stack([gx[:, None, :].expand(-1, h, -1), gy[:, :, None].expand(-1, -1, w)], dim=-1)
+    val = F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return val[:, 0] >= threshold
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_paste_ragged_windows_match_grid_sample_on_mixed_boxes(dtype):
+    # sub-pixel, thin, large, partly and wholly outside boxes mixed, so that chunks hold windows of very
+    # different heights and widths (some shifted left to fit the image), on non-square maps
+    gen = torch.Generator().manual_seed(11)
+    h, w = 37, 53
+    maps = torch.rand(30, 9, 12, dtype=dtype, generator=gen)
+    r = torch.rand(30, 4, dtype=torch.float64, generator=gen)
+    bw = torch.cat([0.2 + r[:6, 2], 0.5 + 2 * r[6:12, 2], 1 + r[12:, 2] * 1.5 * w])  # 6 sub-pixel, 6 thin
+    bh = torch.cat([0.2 + r[:6, 3], 1 + r[6:12, 3] * h, 0.5 + r[12:, 3] * 1.5 * h])
+    # centres on pixel centres for the small boxes (else they sample nothing), anywhere around the image else
+    cx = torch.cat([torch.floor(r[:12, 0] * w) + 0.5, r[12:, 0] * (w + 30) - 15])
+    cy = torch.cat([torch.floor(r[:12, 1] * h) + 0.5, r[12:, 1] * (h + 30) - 15])
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1)
+    boxes[12] = torch.tensor([-40.0, -30.0, 90.0, 70.0])  # covers the whole image
+    boxes[13] = torch.tensor([w - 2.6, h - 1.3, w + 20.0, h + 9.0])  # past the bottom-right corner
+    boxes[14] = torch.tensor([w + 1.0, 3.0, w + 9.0, 9.0])  # beyond the right edge: empty
+    expected = _grid_sample_paste(maps, boxes, (h, w))
+    nonempty = expected.any(dim=(1, 2))
+    assert nonempty[:12].sum() >= 4 and nonempty.sum() >= 15 and not nonempty[14]
+    for chunk in (1, 3000, 20000, 1 << 21):  # one mask per chunk ... everything in one chunk
+        got = paste_in_image(maps, boxes.to(dtype), (h, w), chunk_elements=chunk)
+        assert got.dtype == torch.bool and got.shape == (30, h, w) and got.is_contiguous()
+        assert torch.equal(got, expected)
+    binary = maps > 0.5
+    assert torch.equal(paste_in_image(binary, boxes.to(dtype), (h, w)),
+                       _grid_sample_paste(binary.to(dtype), boxes, (h, w)))

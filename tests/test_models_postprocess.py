@@ -3,6 +3,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from solq.coding import DCTCodec
 from solq.models.postprocess import PostProcess
@@ -121,3 +122,26 @@ def test_sqr_masks_cropped_to_valid_region_and_resized():
     # without input_sizes the grid is assumed to cover the whole image: the padded quarter shows
     res = PostProcess(topk=4)(out, orig)
     assert 0.6 < res[0]["masks"].float().mean() < 0.9
+
+
+def test_dct_masks_equal_per_mask_grid_sample_paste_of_the_binarised_decode():
+    # the whole UQR path: top-k pairs -> decode the chosen queries' vectors -> mid-range binarise ->
+    # bilinear paste (grid_sample, per mask) into the predicted box at the original size -> >= 0.5
+    gen = torch.Generator().manual_seed(5)
+    codec = DCTCodec(resolution=32, num_coeffs=40)
+    out = _outputs(2, 9, 3, gen, dim=40)
+    out["pred_boxes"][0, 0] = torch.tensor([0.1, 0.9, 0.5, 0.4])  # partly outside the image
+    sizes = torch.tensor([[60, 90], [47, 33]])
+    res = PostProcess(codec=codec, topk=12)(out, sizes)
+    for b, r in enumerate(res):
+        h, w = sizes[b].tolist()
+        crops = codec.binarize(codec.decode(out["pred_vectors"][b, r["query_index"]])).float()
+        for m, crop, box in zip(r["masks"], crops, r["boxes"].double()):
+            x0, y0, x1, y1 = box.tolist()
+            gx = ((torch.arange(w, dtype=torch.float64) + 0.5) - x0) / (x1 - x0) * 2 - 1
+            gy = ((torch.arange(h, dtype=torch.float64) + 0.5) - y0) / (y1 - y0) * 2 - 1
+            grid = torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1)[None]
+            val = F.grid_sample(crop.double()[None, None], grid, mode="bilinear", padding_mode="zeros",
+                                align_corners=False)
+            assert torch.equal(m, val[0, 0] >= 0.5)
+    assert sum(int(r["masks"].any(dim=(1, 2)).sum()) for r in res) >= 20  # non-trivial masks

@@ -96,7 +96,7 @@ class PostProcess(nn.Module):
         if getattr(self.codec, "loss_type", "l1") == "mse_dice":
             crops = decoded.float()  # soft probabilities, thresholded after pasting (release PCA)
         else:
-            crops = self.codec.binarize(decoded).float()
+            crops = self.codec.binarize(decoded)  # bool: the paste converts per chunk, no full float copy
         crops = crops.view(B, K, *crops.shape[-2:])
         return [paste_in_image(crops[i], boxes[i], (int(hw[0]), int(hw[1])), threshold=self.mask_threshold)
                 for i, hw in enumerate(orig_sizes.tolist())]
