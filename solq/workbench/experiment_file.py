@@ -11,7 +11,7 @@ An experiment YAML (see ``experiments/``)::
     scales:                              # exactly the scales `smoke` and `paper`, each with
       smoke: {description, parameters, grid (replaces the top-level grid), timeout (s per cell)}
       paper: {...}
-    report: {...}                        # table layout, read by solq.workbench.report
+    report: {...}                        # table layout, read by solq.workbench.report (run_tables)
 
 String parameters may use ``${runs_dir}``, ``${scale}``, ``${experiment}``, ``${root}`` (project root)
 and ``${<other parameter>}``.
