@@ -14,7 +14,8 @@ What must hold for the equality, and how the test arranges it:
 - Adam normalises each gradient coordinate by its own magnitude, which turns float-rounding differences of
   nearly cancelling coordinates into parameter differences of up to 2 x lr per step. On 64-px images the
   ResNet convolutions have many such coordinates (measured: up to 4e-5 after 4 steps), so the backbone is
-  frozen here; everything else (input projections, transformer, heads) trains and must agree to 1e-5.
+  frozen here; everything else (input projections, transformer, heads) trains and must agree to 1e-5, but for
+  at most 0.1% of a tensor's coordinates (rounding of the rest, still within Adam's 2 x lr per step).
 """
 import json
 import os
@@ -89,7 +90,12 @@ def test_two_gloo_processes_with_batch_one_equal_one_process_with_batch_two(tmp_
             # true gradient is exactly zero: both runs only take Adam steps (|step| <= lr) on rounding noise
             assert (b["model"][key] - value).abs().max() <= 2 * lr * a["step"], key
             continue
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        diff = (b["model"][key] - value).abs()
+        # Rounding-level gradient differences of nearly cancelling coordinates still exist outside the backbone
+        # (seen: 1 of the 16,384 input_proj.1.0.weight coordinates at 1.4e-5 on one machine, none on another):
+        # a handful may exceed 1e-5 but stay within Adam's noise bound. A DDP bug would move most coordinates.
+        assert diff.max() <= 2 * lr * a["step"], key
+        assert (diff > 1e-5).float().mean() <= 1e-3, f"{key}: {(diff > 1e-5).sum()} coordinates differ by > 1e-5"
     # step-by-step losses (rank-averaged under DDP) agree too
     ra, rb = _train_records(tmp_path / "single"), _train_records(tmp_path / "ddp")
     assert sorted(ra) == sorted(rb) == [1, 2, 3, 4]

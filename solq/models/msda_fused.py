@@ -158,7 +158,7 @@ def _grad_table_by_points(grad_out, top_left, taps, spatial_shapes, level_start_
     N, D = grad_out.shape
     K = top_left.shape[1]
     idt = top_left.dtype
-    sorted_rows, perm = top_left.reshape(-1).sort()
+    sorted_rows, perm = top_left.reshape(-1).sort(stable=True)
     _, _, spad = _padded_geometry(spatial_shapes, idt)
     R = B * int(spad) * M  # rows of the bordered table
     counts = torch.bincount(sorted_rows, minlength=R)
@@ -185,7 +185,7 @@ def _grad_table_by_taps(grad_out, rows, taps, num_rows):
     """Value gradient [num_rows, D] for few taps: sort the N*J taps (rows/taps [N,J]) by table row, then
     one weighted embedding_bag over grad_out [N,D] with one bag per table row."""
     N, J = rows.shape
-    sorted_rows, perm = rows.reshape(-1).sort()
+    sorted_rows, perm = rows.reshape(-1).sort(stable=True)
     counts = torch.bincount(sorted_rows, minlength=num_rows)
     offsets = (counts.cumsum(0) - counts).to(rows.dtype)
     bags = torch.div(perm, J, rounding_mode="floor").to(rows.dtype)
