@@ -12,7 +12,7 @@ from pathlib import Path
 
 EXAMPLES = {
     "synth": "solq synth --out data/synthetic --num-train 200 --num-val 50 --image-size 256 --seed 0",
-    "demo": "solq demo --out demo_output",
+    "demo": "solq demo --out demo_output\n  solq demo --out demo_quick --steps 200",
     "train": "solq train --config smoke --set train.epochs=2 data.root=data/synthetic --output runs/smoke\n"
              "  torchrun --nproc_per_node=8 -m solq.cli train --config release-r50 --set data.dataset=coco "
              "data.root=/data/coco --output runs/r50 --resume auto",
@@ -44,8 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=_cmd_synth)
 
+    from solq.workbench.demo import DEMO_STEPS
+
     d = add("demo", "The main job on the embedded data (what `make demo` runs).")
     d.add_argument("--out", type=Path, default=Path("demo_output"), help="output folder (default demo_output)")
+    d.add_argument("--steps", type=_positive_int, default=DEMO_STEPS, metavar="N",
+                   help=f"optimiser steps of each trained model, SQR and UQR (default {DEMO_STEPS}); fewer is "
+                        f"quicker and learns less")
     d.set_defaults(func=_cmd_demo)
 
     def config_options(q: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -123,10 +128,21 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from solq.workbench.demo import run_demo
 
-    report = run_demo(args.out)
+    report = run_demo(args.out, steps=args.steps)
     print(f"report: {report}")
     return 0
 

@@ -54,6 +54,33 @@ def test_bad_config_name_is_reported(capsys):
     assert "no-such-preset" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, steps", [([], None), (["--steps", "150"], 150)])
+def test_demo_passes_steps_to_run_demo(argv, steps, tmp_path, monkeypatch, capsys):
+    import solq.workbench.demo as demo
+
+    calls = []
+    monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or out / "report.html")
+    assert main(["demo", "--out", str(tmp_path), *argv]) == 0
+    assert calls == [(tmp_path, {"steps": demo.DEMO_STEPS if steps is None else steps})]
+    assert "report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("bad", ["0", "-5", "ten"])
+def test_demo_rejects_a_step_count_below_one(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--steps", bad])
+    assert exit_info.value.code == 2 and "--steps" in capsys.readouterr().err
+
+
+def test_demo_help_names_steps_and_its_default(capsys):
+    from solq.workbench.demo import DEMO_STEPS
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help text
+    assert "--steps N" in text and f"default {DEMO_STEPS}" in text and "solq demo" in text.split("example:")[1]
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     """A solq checkpoint of an untrained tiny model whose config points at 64-px synthetic data."""

@@ -270,11 +270,13 @@ def test_table5_reads_bench_keys_in_paper_units():
 
     r = Run("table5_efficiency", "smoke", "mode=uqr", Path("."),
             {"mode": "uqr", "params_detector": 12_345_678, "params_mask_branch": 250_000, "fps_forward": 3.5,
-             "gmacs_mask_branch": 0.02, "segm/AP": 0.125})
+             "gmacs_mask_branch": 0.02, "gmacs_mask_branch_last_layer": 0.005, "segm/AP": 0.125})
     t = build_table("table5_efficiency", "smoke", [r], spec)
     uqr = next(row for row in t.rows if row.label == ("UQR",))
     assert uqr.paper["params_mask_M"] == 1.58 and uqr.paper["fps"] == 24.1
     assert uqr.ours["params_ddetr_M"].mean == pytest.approx(12.345678)
     assert uqr.ours["params_mask_M"].mean == pytest.approx(0.25)
     assert uqr.ours["fps"].mean == 3.5 and uqr.ours["seg"].mean == pytest.approx(12.5)
+    # the paper's 0.47 GFLOPs is the last decoder layer's mask branch, not the sum over all layers
+    assert uqr.paper["flops_mask_G"] == 0.47 and uqr.ours["flops_mask_G"].mean == pytest.approx(0.005)
     assert "fps" not in t.percent and "seg" in t.percent
