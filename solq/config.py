@@ -24,7 +24,7 @@ import yaml
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "CodecConfig", "LossConfig", "TrainConfig", "EvalConfig",
-    "RuntimeConfig", "ConfigError", "PRESETS", "load_config", "apply_overrides",
+    "RuntimeConfig", "ConfigError", "PRESETS", "load_config", "apply_overrides", "read_yaml_mapping",
 ]
 
 
@@ -377,6 +377,18 @@ def _merge(cfg: Config, tree: dict) -> Config:
     return Config.from_dict(base)
 
 
+def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError, what: str = "a mapping") -> dict:
+    """The YAML mapping in ``path`` (empty file: {}); ``error`` naming the file when it is not valid YAML or
+    not a mapping (``what`` says what was expected)."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise error(f"{path}: expected {what}")
+    return tree
+
+
 def load_config(path_or_preset: str | Path | None = "smoke", overrides: Iterable[str] = ()) -> Config:
     """Build a config from a preset name or a YAML file, then apply overrides.
 
@@ -392,12 +404,7 @@ def load_config(path_or_preset: str | Path | None = "smoke", overrides: Iterable
             p = Path(name)
             if not p.is_file():
                 raise ConfigError(f"{name!r} is neither a preset ({sorted(PRESETS)}) nor a YAML file")
-            try:
-                tree = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{p}: not valid YAML: {e}") from None
-            if not isinstance(tree, dict):
-                raise ConfigError(f"{p}: expected a mapping of sections")
+            tree = read_yaml_mapping(p, ConfigError, "a mapping of sections")
             preset = tree.pop("preset", None)
             if preset is not None:
                 if preset not in PRESETS:

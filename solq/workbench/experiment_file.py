@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from solq.config import read_yaml_mapping
 
 __all__ = ["Experiment", "Point", "load_experiment", "expand_grid", "point_slug", "SCALES"]
 
@@ -167,12 +167,7 @@ def load_experiment(path: str | Path, *, require_notebook: bool = True) -> Exper
     path = Path(path).resolve()
     if not path.is_file():
         raise ValueError(f"experiment file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+    raw = read_yaml_mapping(path, ValueError, "a mapping at the top level")
     unknown = sorted(set(raw) - _TOP_KEYS)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(_TOP_KEYS)}")
