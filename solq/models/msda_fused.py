@@ -147,13 +147,21 @@ def bilinear_taps(top_left: torch.Tensor, fx: torch.Tensor, fy: torch.Tensor, aw
     return rows, torch.stack((wy0.sub_(t01), t01, wy1.sub_(t11), t11), 1)
 
 
+def _row_of(flat_index: torch.Tensor, width: int) -> torch.Tensor:
+    """flat_index // width for non-negative integer indices (a shift when width is a power of 2: integer
+    division is several times slower on CPU)."""
+    if width & (width - 1) == 0:
+        return flat_index >> (width.bit_length() - 1)
+    return torch.div(flat_index, width, rounding_mode="floor")
+
+
 def _grad_table_by_points(grad_out, top_left, taps, spatial_shapes, level_start_index, B, S, M):
     """Value gradient [B*S*M, D] for many taps per token.
 
-    grad_out [N,D]; top_left [N,K] from :func:`bilinear_points`, taps [N,4,K] from :func:`bilinear_taps`. Sorting the N*K points by top-left
-    row groups, for each corner c, the taps by destination row (top-left + the corner's step). One weighted
-    embedding_bag over grad_out sums, per corner and table row, the contributions G [4R, D]; a second one
-    adds, for every token, the 4 entries of G that land on it.
+    grad_out [N,D]; top_left [N,K] from :func:`bilinear_points`, taps [N,4,K] from :func:`bilinear_taps`.
+    Sorting the N*K points by top-left row groups, for each corner c, the taps by destination row (top-left +
+    the corner's step). One weighted embedding_bag over grad_out sums, per corner and table row, the
+    contributions G [4R, D]; a second one adds, for every token, the 4 entries of G that land on it.
     """
     N, D = grad_out.shape
     K = top_left.shape[1]
@@ -165,8 +173,7 @@ def _grad_table_by_points(grad_out, top_left, taps, spatial_shapes, level_start_
     first = counts.cumsum(0) - counts  # first sorted point of each top-left row
     NK = N * K
     offsets = (first + torch.arange(4, device=first.device).view(4, 1) * NK).reshape(4 * R).to(idt)
-    # point i = n*K + k belongs to bag n (a shift when K is a power of 2: integer division is slow)
-    bag = perm >> (K.bit_length() - 1) if K & (K - 1) == 0 else torch.div(perm, K, rounding_mode="floor")
+    bag = _row_of(perm, K)  # point i = n*K + k belongs to bag n
     # tap c of point (n,k) is element n*4K + c*K + k of taps
     weight_index = (perm + bag * (3 * K)) + torch.arange(4, device=perm.device).view(4, 1) * K  # [4,NK]
     G = F.embedding_bag(bag.to(idt).repeat(4), grad_out, offsets,
@@ -188,7 +195,7 @@ def _grad_table_by_taps(grad_out, rows, taps, num_rows):
     sorted_rows, perm = rows.reshape(-1).sort(stable=True)
     counts = torch.bincount(sorted_rows, minlength=num_rows)
     offsets = (counts.cumsum(0) - counts).to(rows.dtype)
-    bags = torch.div(perm, J, rounding_mode="floor").to(rows.dtype)
+    bags = _row_of(perm, J).to(rows.dtype)
     return F.embedding_bag(bags, grad_out, offsets, per_sample_weights=taps.reshape(-1).index_select(0, perm),
                            mode="sum")
 
