@@ -88,6 +88,36 @@ def test_accepts_tensors_and_rle_masks():
     assert np.array_equal(draw_instances(image, as_rle, show_boxes=False, show_labels=False).image, ref)
 
 
+def test_fallback_draws_the_top_k_below_the_threshold_and_says_so():
+    rng = np.random.default_rng(11)
+    image, inst = _scene(rng)  # scores 0.3, 0.9, 0.6
+    low = {**inst, "scores": np.array([0.05, 0.12, 0.08])}  # none reaches 0.3
+    d = draw_instances(image, low, score_threshold=0.3, fallback_topk=2)
+    assert d.fallback and d.indices.tolist() == [1, 2] and d.count == 2 and d.above_threshold == 0
+    assert d.best_score == pytest.approx(0.12)
+    assert np.array_equal(d.colors, PALETTE[low["query_index"][[1, 2]] % len(PALETTE)])  # colours still follow queries
+    assert not np.array_equal(d.image, image)  # the fallback masks are painted
+    assert draw.threshold_summary(d, 0.3) == "none ≥ 0.30 · showing top 2 (best 0.12)"
+    assert draw_instances(image, low, score_threshold=0.3, fallback_topk=5).count == 3  # at most what there is
+    assert draw_instances(image, low, score_threshold=0.3, fallback_topk=3, max_instances=1).count == 1
+    # fallback 0 (the primitive's default): nothing drawn, the caption still says why
+    for off in (draw_instances(image, low, score_threshold=0.3),
+                draw_instances(image, low, score_threshold=0.3, fallback_topk=0)):
+        assert off.count == 0 and not off.fallback and np.array_equal(off.image, image)
+        assert draw.threshold_summary(off, 0.3) == "none ≥ 0.30 (best 0.12)"
+    # some above the threshold: exactly the plain selection, no fallback
+    some = draw_instances(image, inst, score_threshold=0.5, fallback_topk=3)
+    assert some.indices.tolist() == [1, 2] and not some.fallback and some.above_threshold == 2
+    assert np.array_equal(some.image, draw_instances(image, inst, score_threshold=0.5).image)
+    assert draw.threshold_summary(some, 0.5) == "2 ≥ 0.5"
+    # nothing to fall back on: no instances, or ground truth (no scores) which is always drawn whole
+    empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros(0, int), "scores": np.zeros(0)}
+    none = draw_instances(image, empty, score_threshold=0.3, fallback_topk=3)
+    assert none.count == 0 and not none.fallback and draw.threshold_summary(none, 0.3) == "no detections"
+    gt = {k: inst[k] for k in ("boxes", "masks", "labels")}
+    assert draw_instances(image, gt, score_threshold=0.99, fallback_topk=1, style="gt").count == 3
+
+
 # ---------------------------------------------------------------------------------------------- pixels
 def _naive_edges(mask):
     h, w = mask.shape
@@ -277,6 +307,22 @@ def test_training_curves_from_a_log(tmp_path):
         read_log(tmp_path / "bad")
 
 
+def test_ap_curves_against_steps_and_wall_time(tmp_path):
+    from solq.viz.curves import plot_ap_curves
+
+    for name, elapsed in (("a", True), ("b", False)):
+        (tmp_path / name).mkdir()
+        evals = [{"type": "eval", "step": s, "bbox": {"AP": s / 1000}, "segm": {"AP": s / 2000},
+                  **({"elapsed_s": 60.0 * s / 500} if elapsed else {})} for s in (500, 1000)]
+        (tmp_path / name / "log.jsonl").write_text("\n".join(json.dumps(r) for r in evals) + "\n")
+    fig = plot_ap_curves({"a": tmp_path / "a", "b": tmp_path / "b"})
+    steps_ax, time_ax = fig.axes[:2]
+    assert len(steps_ax.lines) == 4 and len(time_ax.lines) == 2  # run b has no wall time
+    x, y = steps_ax.lines[0].get_data()
+    assert list(x) == [500, 1000] and list(y) == pytest.approx([50.0, 100.0])  # AP in percent
+    assert list(time_ax.lines[0].get_data()[0]) == pytest.approx([1.0, 2.0])  # minutes
+
+
 def test_precision_recall_averages_to_the_coco_ap(tmp_path):
     from pycocotools.coco import COCO
 
@@ -322,9 +368,9 @@ def test_compare_gallery_side_by_side_with_matched_iou():
     fig, rows = compare_gallery([image, image], [half, perfect], [perfect, half], ground_truths=[gt, gt],
                                 score_threshold=0.5)
     assert len(fig.axes) == 6
-    assert rows[0] == {"SQR": {"detections": 1, "mean_iou": pytest.approx(1 / 3)},
-                       "UQR": {"detections": 3, "mean_iou": pytest.approx(1.0)}}
-    assert "UQR: 3" in fig.axes[2].get_title()
+    assert rows[0] == {"SQR": {"detections": 1, "fallback": 0, "mean_iou": pytest.approx(1 / 3)},
+                       "UQR": {"detections": 3, "fallback": 0, "mean_iou": pytest.approx(1.0)}}
+    assert fig.axes[2].get_title().startswith("UQR: 3 ≥ 0.5")  # above the threshold: unchanged
 
     class Fixed:
         def __init__(self, result, name):
@@ -337,3 +383,43 @@ def test_compare_gallery_side_by_side_with_matched_iou():
     assert len(fig.axes) == 2 and list(rows[0]) == ["M (A)", "M (B)"]
     with pytest.raises(ValueError, match="2 images"):
         compare_gallery([image, image], [half], [half])
+
+
+def test_compare_gallery_falls_back_to_the_top_k_when_a_model_has_nothing_above_the_threshold():
+    from matplotlib.patches import Rectangle
+
+    from solq.viz.compare import compare_gallery, compare_predictors
+
+    rng = np.random.default_rng(12)
+    image, inst = _scene(rng)
+    gt = {k: inst[k] for k in ("boxes", "masks", "labels")}
+    weak = {**gt, "scores": np.array([0.05, 0.12, 0.08])}
+    strong = {**gt, "scores": np.array([0.9, 0.2, 0.6])}
+
+    def boxes(ax):
+        return len([p for p in ax.patches if isinstance(p, Rectangle)])
+
+    fig, rows = compare_gallery([image], [strong], [weak], ground_truths=[gt], score_threshold=0.3)
+    sqr, uqr = fig.axes[1], fig.axes[2]
+    assert uqr.get_title() == "UQR: none ≥ 0.30 · showing top 3 (best 0.12) · mean IoU 0.00"
+    assert boxes(uqr) == 3 and sorted(t.get_text() for t in uqr.texts) == ["class 1 0.05", "class 2 0.12",
+                                                                           "class 3 0.08"]
+    assert sqr.get_title().startswith("SQR: 2 ≥ 0.3") and boxes(sqr) == 2  # the other model: as before
+    # the row counts detections >= the threshold; the mean IoU ignores the fallback instances
+    assert rows[0]["UQR"] == {"detections": 0, "fallback": 3, "mean_iou": 0.0}
+    assert rows[0]["SQR"]["detections"] == 2 and rows[0]["SQR"]["fallback"] == 0
+
+    class Fixed:
+        def __init__(self, result, name):
+            self.result, self.name, self.category_names = result, name, {}
+
+        def __call__(self, image):
+            return self.result
+
+    fig, rows = compare_predictors(Fixed(strong, "SQR"), Fixed(weak, "UQR"), [image], score_threshold=0.3,
+                                   fallback_topk=1)
+    assert boxes(fig.axes[1]) == 1 and "showing top 1 (best 0.12)" in fig.axes[1].get_title()
+    fig, rows = compare_predictors(Fixed(strong, "SQR"), Fixed(weak, "UQR"), [image], score_threshold=0.3,
+                                   fallback_topk=0)
+    assert boxes(fig.axes[1]) == 0 and not fig.axes[1].texts
+    assert fig.axes[1].get_title() == "UQR: none ≥ 0.30 (best 0.12)" and rows[0]["UQR"]["fallback"] == 0

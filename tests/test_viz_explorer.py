@@ -79,7 +79,9 @@ def test_threshold_query_layer_and_toggles_drive_the_figure(val_set):
     scores = np.array([0.9, 0.7, 0.5, 0.3, 0.1])
     for t in (0.0, 0.3, 0.5, 0.95, 0.2):
         ex.threshold.value = t
-        assert ex.last_drawn["predictions"] == int((scores >= t).sum())
+        above = int((scores >= t).sum())
+        assert ex.last_drawn["above_threshold"] == above and ex.last_drawn["fallback"] == (above == 0)
+        assert ex.last_drawn["predictions"] == (above or 3)  # none at 0.95: the top 3 instead
         assert ex.last_drawn["threshold"] == t
     assert ex.layer.max == 2
     assert [v for _, v in ex.query.options] == [ALL, 3, 5, 0, 7]  # distinct queries, best first
@@ -114,6 +116,30 @@ def test_threshold_query_layer_and_toggles_drive_the_figure(val_set):
     ex.show_masks.value = False
     assert ex.redraws == before + 1
     assert stub.calls == 1  # one image so far: results are cached across redraws
+
+
+def test_nothing_above_the_threshold_shows_the_top_k_and_says_so(val_set):
+    from matplotlib.patches import Rectangle
+
+    def n_rects(ex):
+        return len([p for p in ex.figure.axes[0].patches if isinstance(p, Rectangle)])
+
+    ex = Explorer(StubPredictor(), dataset=val_set, score_threshold=0.95)  # stub scores 0.9 ... 0.1
+    assert ex.last_drawn["predictions"] == 3 and ex.last_drawn["fallback"] and n_rects(ex) == 3
+    title = ex.figure.axes[0].get_title()
+    assert title.endswith("all queries · none ≥ 0.95 · showing top 3 (best 0.90)"), title
+    assert "none ≥ 0.95: the best 3 by score" in ex.status.value
+    drawn_scores = sorted(t.get_text().split()[-1] for t in ex.figure.axes[0].texts)
+    assert drawn_scores == ["0.50", "0.70", "0.90"]  # the best three, with their (low) scores
+    ex.threshold.value = 0.6  # two above: exactly those, no fallback
+    assert ex.last_drawn["predictions"] == ex.last_drawn["above_threshold"] == 2 and not ex.last_drawn["fallback"]
+    assert ex.figure.axes[0].get_title().endswith("all queries · 2 ≥ 0.6") and "the best" not in ex.status.value
+
+    off = Explorer(StubPredictor(), dataset=val_set, score_threshold=0.95, fallback_topk=0)
+    assert off.last_drawn["predictions"] == 0 and not off.last_drawn["fallback"] and n_rects(off) == 0
+    assert off.figure.axes[0].get_title().endswith("none ≥ 0.95 (best 0.90)")
+    one = Explorer(StubPredictor(), dataset=val_set, score_threshold=0.95, fallback_topk=1)
+    assert one.last_drawn["predictions"] == 1 and n_rects(one) == 1
 
 
 def test_image_and_checkpoint_switches(val_set, tmp_path):
@@ -163,7 +189,8 @@ def test_with_a_real_tiny_model(val_set):
     assert ex.last_drawn["attention_points"] == m.nheads * m.num_feature_levels * m.dec_n_points
     ex.threshold.value = 1.0
     ex.query.value = ALL
-    assert ex.last_drawn["predictions"] == 0
+    assert ex.last_drawn["above_threshold"] == 0 and ex.last_drawn["fallback"]
+    assert ex.last_drawn["predictions"] == min(3, len(res["scores"]))
 
 
 def test_predictor_matches_the_evaluation_pipeline_and_finds_checkpoints(val_set, tmp_path):

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["read_log", "loss_terms", "plot_training_curves", "precision_recall", "plot_precision_recall",
+__all__ = ["read_log", "loss_terms", "plot_training_curves", "plot_ap_curves", "precision_recall", "plot_precision_recall",
            "AREAS"]
 
 AREAS = ("all", "small", "medium", "large")
@@ -197,3 +197,40 @@ def plot_precision_recall(evaluators: Mapping[str, Any], *, ious: Sequence[Optio
     ax.set_title(f"precision-recall (area {area})", fontsize=8)
     ax.legend(fontsize=6)
     return ax.figure
+
+
+def plot_ap_curves(runs: Mapping[str, Any], *, metrics: Sequence[str] = ("bbox/AP", "segm/AP"),
+                   title: str = ""):
+    """AP against optimiser steps (left) and against training wall time (right) for several runs.
+
+    ``runs``: {label: run folder or log.jsonl}; each run's ``eval`` records give the points (``elapsed_s``, the
+    seconds since training started, is logged by ``solq train``; runs without it get no right-hand curve).
+    ``metrics``: "bbox/AP", "segm/AP", "bbox/AP50", ... (shown in %). Returns the matplotlib Figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    styles = ["-", "--", ":", "-."]
+    for r, (label, log) in enumerate(runs.items()):
+        evals = read_log(log).get("eval", [])
+        for m, metric in enumerate(metrics):
+            group, name = metric.split("/", 1)
+            pts = [(e["step"], e.get("elapsed_s"), 100 * e[group][name]) for e in evals if name in e.get(group, {})]
+            if not pts:
+                continue
+            steps, secs, ap = zip(*pts)
+            kw = dict(color=f"C{r}", linestyle=styles[m % len(styles)], marker="o", markersize=3,
+                      label=f"{label}: {metric}")
+            axes[0].plot(steps, ap, **kw)
+            if all(s is not None for s in secs):
+                axes[1].plot(np.asarray(secs) / 60, ap, **kw)
+    axes[0].set_xlabel("optimiser steps")
+    axes[1].set_xlabel("training wall time (min)")
+    for ax in axes:
+        ax.set_ylabel("AP (%)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

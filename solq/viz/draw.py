@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["PALETTE", "Drawn", "to_uint8_image", "denormalize", "as_numpy", "instance_colors", "select",
-           "mask_edges", "blend_masks", "draw_instances", "label_text"]
+           "select_or_top", "mask_edges", "blend_masks", "draw_instances", "label_text", "threshold_summary"]
 
 
 def _make_palette(n: int = 24) -> np.ndarray:
@@ -43,16 +43,27 @@ class Drawn:
     outlines; boxes and text are matplotlib artists). indices: int64 [n], positions of the drawn
     instances in the input (after the score threshold, in drawing order). colors: uint8 [n,3].
     gt_indices: int64 [g], the ground-truth instances drawn when ``ground_truth`` was given.
+    fallback: True when no instance reached the threshold and ``indices`` are the best ones below it
+    (``draw_instances(fallback_topk=k)``). best_score: the highest score among all input instances
+    (NaN without instances or scores), so a caption can say how far below the threshold they were.
     """
 
     image: np.ndarray
     indices: np.ndarray
     colors: np.ndarray
     gt_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    fallback: bool = False
+    best_score: float = float("nan")
 
     @property
     def count(self) -> int:
+        """Instances drawn (including fallback ones)."""
         return int(len(self.indices))
+
+    @property
+    def above_threshold(self) -> int:
+        """Drawn instances that reach the threshold: ``count``, or 0 when the fallback drew them."""
+        return 0 if self.fallback else self.count
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -147,6 +158,48 @@ def select(instances: Mapping[str, Any], score_threshold: float = 0.0, max_insta
         else:
             out["masks"] = as_numpy(masks)[idx].astype(bool)
     return out, idx.astype(np.int64)
+
+
+def select_or_top(instances: Mapping[str, Any], score_threshold: float = 0.0,
+                  max_instances: Optional[int] = None, *, fallback_topk: int = 0) -> tuple[dict, np.ndarray, bool]:
+    """:func:`select`, except that when the instances have scores and none reaches ``score_threshold``,
+    the ``fallback_topk`` best ones (at most ``max_instances``) are selected instead, so that a gallery
+    panel shows what the model did find; ``fallback_topk=0`` disables this.
+
+    Returns (dict of numpy arrays, int64 indices [n] into the input, best first, fell_back): fell_back is
+    True when the selection is the below-threshold top-k.
+    """
+    sel, idx = select(instances, score_threshold, max_instances)
+    if len(idx) or fallback_topk <= 0 or instances.get("scores") is None:
+        return sel, idx, False
+    k = fallback_topk if max_instances is None else min(fallback_topk, max_instances)
+    sel, idx = select(instances, -np.inf, k)
+    return sel, idx, bool(len(idx))
+
+
+def _best_score(instances: Optional[Mapping[str, Any]]) -> float:
+    """Highest score of the instances; NaN without instances or scores."""
+    if instances is None or instances.get("scores") is None:
+        return float("nan")
+    s = as_numpy(instances["scores"]).astype(np.float64).reshape(-1)
+    return float(np.nanmax(s)) if len(s) and not np.isnan(s).all() else float("nan")
+
+
+def threshold_summary(drawn: Drawn, score_threshold: float) -> str:
+    """A caption for a panel drawn with ``score_threshold``, which never leaves an empty panel unexplained.
+
+    "3 ≥ 0.3" when instances reach the threshold; "none ≥ 0.30 · showing top 3 (best 0.12)" when the
+    fallback drew the best ones below it; "none ≥ 0.30 (best 0.12)" when nothing was drawn although there
+    were scored instances (fallback disabled); "no detections" when there were none at all.
+    """
+    best = drawn.best_score
+    if drawn.fallback:
+        return f"none ≥ {score_threshold:.2f} · showing top {drawn.count} (best {best:.2f})"
+    if drawn.count:
+        return f"{drawn.count} ≥ {score_threshold:g}"
+    if np.isnan(best):  # not even a low-scoring instance to report
+        return "no detections"
+    return f"none ≥ {score_threshold:.2f} (best {best:.2f})"
 
 
 def label_text(label: int, score: Optional[float], names: Optional[Mapping[int, str]]) -> str:
@@ -251,7 +304,7 @@ def draw_instances(image: Any, instances: Optional[Mapping[str, Any]], *, score_
                    show_boxes: bool = True, show_labels: bool = True, style: str = "prediction",
                    ground_truth: Optional[Mapping[str, Any]] = None, alpha: float = 0.5,
                    color_keys: Any = None, max_instances: Optional[int] = None, linewidth: int = 2,
-                   fontsize: float = 7, gt_color: Sequence[int] = (255, 255, 255)) -> Drawn:
+                   fontsize: float = 7, gt_color: Sequence[int] = (255, 255, 255), fallback_topk: int = 0) -> Drawn:
     """Draw ``instances`` on ``image``.
 
     Args:
@@ -268,7 +321,10 @@ def draw_instances(image: Any, instances: Optional[Mapping[str, Any]], *, score_
             outlines, dashed boxes, names).
         color_keys: int [K] keys for the colours (default: query_index, else the position).
         max_instances: draw at most this many (best first).
-    Returns a :class:`Drawn`.
+        fallback_topk: when no scored instance reaches ``score_threshold``, draw the best this many
+            instead and set ``Drawn.fallback`` (see :func:`select_or_top`); 0 (the default here: a
+            primitive draws what it is asked) draws nothing then. Galleries default to 3.
+    Returns a :class:`Drawn`; :func:`threshold_summary` turns it into a caption.
     """
     if style not in ("prediction", "gt"):
         raise ValueError(f"draw_instances: style must be 'prediction' or 'gt', got {style!r}")
@@ -280,8 +336,9 @@ def draw_instances(image: Any, instances: Optional[Mapping[str, Any]], *, score_
         layers.append((gt, gt_idx, np.tile(np.asarray(gt_color, np.uint8), (len(gt_idx), 1)), "overlay"))
     idx = np.zeros(0, dtype=np.int64)
     colors = np.zeros((0, 3), np.uint8)
+    fell_back = False
     if instances is not None:
-        sel, idx = select(instances, score_threshold, max_instances)
+        sel, idx, fell_back = select_or_top(instances, score_threshold, max_instances, fallback_topk=fallback_topk)
         if color_keys is not None:
             keys = as_numpy(color_keys).reshape(-1)[idx]
         elif "query_index" in sel:
@@ -315,4 +372,5 @@ def draw_instances(image: Any, instances: Optional[Mapping[str, Any]], *, score_
         else:
             canvas = _rasterize_boxes(canvas, sel["boxes"], cols, texts, dashed=dashed, linewidth=linewidth,
                                       draw_boxes=show_boxes)
-    return Drawn(image=canvas, indices=idx, colors=colors, gt_indices=gt_idx)
+    return Drawn(image=canvas, indices=idx, colors=colors, gt_indices=gt_idx, fallback=fell_back,
+                 best_score=_best_score(instances))

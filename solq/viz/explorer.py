@@ -8,7 +8,7 @@ Everything is also driven programmatically, which is how it is tested headlessly
 
     ex = Explorer(predictor, dataset=raw_val_set)
     ex.threshold.value = 0.3          # every control is a widget attribute; changing it redraws
-    ex.last_drawn["predictions"]      # what the last redraw drew
+    ex.last_drawn["predictions"]      # what the last redraw drew (the best few when none reaches the threshold)
     ex.figure.savefig("view.png")
 
 A "predictor" is anything with the interface of :class:`solq.viz.predictor.Predictor`: ``__call__(image,
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .attention import attention_points, query_detection, top_queries
-from .draw import as_numpy, draw_instances, instance_colors, to_uint8_image
+from .draw import as_numpy, draw_instances, instance_colors, threshold_summary, to_uint8_image
 
 __all__ = ["Explorer"]
 
@@ -40,15 +40,20 @@ class Explorer:
             are loaded on demand with ``Predictor.from_checkpoint(path, device=device)``.
         score_threshold: initial threshold. max_queries: how many queries the query selector lists.
         figsize: of the drawn figure.
+        fallback_topk: with "all above threshold" and no detection reaching the threshold, draw the best
+            this many instead (the title and status say so); 0 draws nothing then.
     Attributes: the controls ``image``, ``checkpoint``, ``threshold``, ``query``, ``layer``,
     ``show_masks``, ``show_boxes``, ``show_attention``, ``show_gt``; ``output`` (the Output widget),
     ``widget`` (the whole UI), ``figure`` (the last figure), ``last_drawn`` (counts of the last redraw:
-    predictions, gt, attention_points, and the image, checkpoint, query and layer it used).
+    predictions (drawn), above_threshold (drawn and >= the threshold), fallback (True when the drawn ones
+    are the best below it), gt, attention_points, and the image, checkpoint, query, layer and threshold
+    it used).
     """
 
     def __init__(self, predictor=None, *, dataset=None, folder: Any = None,
                  checkpoints: Optional[Mapping[str, Any] | Sequence[Any]] = None, score_threshold: float = 0.5,
-                 device: Any = "cpu", max_queries: int = 20, figsize: tuple[float, float] = (6.5, 6.5)):
+                 device: Any = "cpu", max_queries: int = 20, figsize: tuple[float, float] = (6.5, 6.5),
+                 fallback_topk: int = 3):
         import ipywidgets as w
 
         self._predictors: dict[str, Any] = {}
@@ -63,6 +68,7 @@ class Explorer:
         if not self._predictors and not self._paths:
             raise ValueError("Explorer: give a predictor or at least one checkpoint")
         self.device, self.max_queries, self.figsize = device, max_queries, figsize
+        self.fallback_topk = int(fallback_topk)
         self.dataset = dataset
         self._sources: list[tuple[str, Any]] = []  # (label, dataset index or image path)
         if dataset is not None:
@@ -181,16 +187,17 @@ class Explorer:
         names = getattr(p, "category_names", {}) or {}
         q, layer = self.query.value, self.layer.value
         if q == ALL:
-            shown, threshold = res, self.threshold.value
+            shown, threshold, fallback = res, self.threshold.value, self.fallback_topk
         else:  # one query: its best detection, whatever its score
             d = query_detection(res, q)
             shown = {k: (v[[d]] if isinstance(v, np.ndarray) and v.ndim and len(v) == len(res["scores"]) else v)
                      for k, v in res.items() if k != "attention"}
-            threshold = 0.0
+            threshold, fallback = 0.0, 0
         fig, ax = plt.subplots(figsize=self.figsize)
         drawn = draw_instances(image, shown, ax=ax, score_threshold=threshold, category_names=names,
                                show_masks=self.show_masks.value, show_boxes=self.show_boxes.value,
-                               ground_truth=gt if self.show_gt.value and gt is not None else None)
+                               ground_truth=gt if self.show_gt.value and gt is not None else None,
+                               fallback_topk=fallback)
         n_points = 0
         if self.show_attention.value and "attention" in res and drawn.count:
             queries = as_numpy(shown["query_index"])[drawn.indices]
@@ -203,17 +210,20 @@ class Explorer:
                 n_points += len(pts["x"])
             ax.set_xlim(-0.5, size[1] - 0.5)
             ax.set_ylim(size[0] - 0.5, -0.5)
-        what = "all queries" if q == ALL else f"query {q}"
-        ax.set_title(f"{self.checkpoint.value} · {self._sources[self.image.value][0]} · {what} · "
-                     f"{drawn.count} shown" + (f" · attention of layer {layer}" if n_points else ""), fontsize=8)
+        what = (f"all queries · {threshold_summary(drawn, threshold)}" if q == ALL  # says why a view is empty
+                else f"query {q} · {drawn.count} shown")
+        ax.set_title(f"{self.checkpoint.value} · {self._sources[self.image.value][0]} · {what}"
+                     + (f" · attention of layer {layer}" if n_points else ""), fontsize=8)
         fig.tight_layout()
         self.figure = fig
-        self.last_drawn = {"predictions": drawn.count, "gt": int(len(drawn.gt_indices)),
+        self.last_drawn = {"predictions": drawn.count, "above_threshold": drawn.above_threshold,
+                           "fallback": drawn.fallback, "gt": int(len(drawn.gt_indices)),
                            "attention_points": n_points, "image": self.image.value,
                            "checkpoint": self.checkpoint.value, "query": q, "layer": layer,
                            "threshold": threshold}
         self.redraws += 1
-        self.status.value = (f"<small>{drawn.count} detections shown, {len(drawn.gt_indices)} ground-truth "
+        why = f" (none ≥ {threshold:.2f}: the best {drawn.count} by score)" if drawn.fallback else ""
+        self.status.value = (f"<small>{drawn.count} detections shown{why}, {len(drawn.gt_indices)} ground-truth "
                              f"objects, {n_points} sampling points</small>")
         self._show(fig)
 

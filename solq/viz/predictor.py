@@ -192,7 +192,8 @@ def raw_dataset(cfg, split: str = "val", *, max_images: Optional[int] = None):
         from solq.data.synthetic import generate
 
         d = cfg.data
-        generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed)
+        generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed,
+                 val_seed=d.synth_val_seed if d.synth_val_seed >= 0 else None)
     for what, p in (("images", images), ("annotations", ann)):
         if not p.exists():
             raise FileNotFoundError(f"data.{split}_{what}: {p} does not exist (data.dataset={cfg.data.dataset}, "

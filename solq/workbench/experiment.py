@@ -285,36 +285,8 @@ def codec_upper_bound(cfg: Config, *, max_images: int = 0) -> dict:
     return {k: v for k, v in metrics.items() if k.startswith("mask_")}
 
 
-def prediction_gallery(checkpoint: str | Path, *, overrides: Sequence[str] = (), num_images: int = 4,
-                       score_threshold: float = 0.3, device: str = "cpu", columns: int = 2, panel_size: float = 3.2):
-    """Draw a model's predictions (filled masks, boxes, class and score) over the ground-truth outlines
-    for the first ``num_images`` validation images of its config (with ``overrides``).
+def prediction_gallery(checkpoint: str | Path, **kwargs):
+    """:func:`solq.viz.gallery.prediction_gallery` (imported on call: matplotlib takes seconds to load)."""
+    from solq.viz.gallery import prediction_gallery as draw
 
-    Returns (matplotlib Figure, rows) where rows[i] = {"image_id", "detections" (drawn),
-    "objects" (ground truth)}.
-    """
-    import matplotlib.pyplot as plt
-
-    from solq.viz import Predictor, draw_instances, ground_truth, raw_dataset
-
-    predictor = Predictor.from_checkpoint(checkpoint, device=device, overrides=overrides)
-    dataset = raw_dataset(predictor.cfg, "val", max_images=num_images)
-    n = min(num_images, len(dataset))
-    cols = max(1, min(columns, n))
-    nrows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(nrows, cols, figsize=(panel_size * cols, panel_size * nrows), squeeze=False)
-    rows = []
-    for i in range(n):
-        image, target = dataset[i]
-        gt = ground_truth(target)
-        pred = predictor(image)
-        ax = axes.flat[i]
-        drawn = draw_instances(image, pred, score_threshold=score_threshold, ax=ax, ground_truth=gt,
-                               category_names=predictor.category_names)
-        ax.set_title(f"image {gt['image_id']}: {drawn.count} ≥ {score_threshold:g} ({len(gt['labels'])} objects)",
-                     fontsize=8)
-        rows.append({"image_id": gt["image_id"], "detections": int(drawn.count), "objects": len(gt["labels"])})
-    for ax in axes.flat:
-        ax.set_axis_off()
-    fig.tight_layout()
-    return fig, rows
+    return draw(checkpoint, **kwargs)
