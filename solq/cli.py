@@ -21,6 +21,8 @@ EXAMPLES = {
     "predict": "solq predict --checkpoint runs/smoke/checkpoint.pth data/synthetic/val 'photos/*.jpg' "
                "--output predictions --score-threshold 0.5",
     "bench": "solq bench --config paper-r50 --modes uqr,sqr --size 512x852 --output bench/table5.json",
+    "pretrain-backbone": "solq pretrain-backbone --out solq/models/weights/backbone_small_synthetic.pt --seed 0 "
+                         "--threads 1",
     "run": "solq run experiments/table3b_vector_loss_weight.yaml --scale smoke",
     "report": "solq report --runs-dir experiments/runs --out experiments/report",
 }
@@ -42,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--num-val", type=int, default=50, help="number of validation images (default 50)")
     s.add_argument("--image-size", type=int, default=256, help="side of the square images in px (default 256)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--val-seed", type=int, default=None, help="seed of the val split (default: --seed)")
     s.set_defaults(func=_cmd_synth)
 
     from solq.workbench.demo import DEMO_STEPS
@@ -107,6 +110,19 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--output", default="bench.json", metavar="PATH", help="JSON results file (default bench.json)")
     b.set_defaults(func=_cmd_bench)
 
+    pb = add("pretrain-backbone", "Pretrain the small backbone on synthetic-scene segmentation (the smoke scale's "
+                                  "ImageNet); writes a file for model.backbone_weights.")
+    pb.add_argument("--out", required=True, type=Path, help="output file (.pt, loadable with weights_only=True)")
+    pb.add_argument("--data-root", default="data/pretrain_synthetic", help="scenes are generated (once) here")
+    pb.add_argument("--num-train", type=int, default=4000, help="training scenes (default 4000)")
+    pb.add_argument("--steps", type=_positive_int, default=4000, help="optimiser steps (default 4000)")
+    pb.add_argument("--instance-weight", type=float, default=0.0,
+                    help="weight of the centre-heatmap and box-size terms (default 0: segmentation only)")
+    pb.add_argument("--batch-size", type=_positive_int, default=16, help="images per step (default 16)")
+    pb.add_argument("--seed", type=int, default=0, help="seed of the scenes and of the training (default 0)")
+    pb.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    pb.set_defaults(func=_cmd_pretrain_backbone)
+
     from solq.workbench.report import add_report_arguments, report_from_args
     from solq.workbench.runner import add_run_arguments, run_from_args
 
@@ -122,9 +138,20 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_synth(args: argparse.Namespace) -> int:
     from solq.data.synthetic import generate
 
-    paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed)
+    paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed, val_seed=args.val_seed)
     for key, value in paths.items():
         print(f"{key}: {value}")
+    return 0
+
+
+def _cmd_pretrain_backbone(args: argparse.Namespace) -> int:
+    from solq.engine.pretrain import pretrain_backbone
+
+    meta = pretrain_backbone(args.out, data_root=args.data_root, num_train=args.num_train, steps=args.steps,
+                             batch_size=args.batch_size, seed=args.seed, num_threads=args.threads,
+                             instance_weight=args.instance_weight)
+    print(f"{args.out}: pixel accuracy {100 * meta['pixel_accuracy']:.1f}%, mean IoU {100 * meta['mean_iou']:.1f}% "
+          f"on {meta['num_images']} val scenes ({meta['seconds']:.0f} s)")
     return 0
 
 

@@ -10,7 +10,8 @@ Presets:
 
 - ``paper-r50``: the paper's Table 5 sizes (transformer width 256, FFN 1024, 300 queries, 6+6 layers).
 - ``release-r50``: the authors' script defaults (width 384, FFN 1024); reference §1.2.
-- ``smoke``: ResNet-18, width 64, 2+2 layers, 30 queries, 256 px images; trains on a CPU in minutes.
+- ``smoke``: the CPU recipe: a small CNN pretrained on synthetic scenes, width 64, 2+2 layers, two-stage with 30
+  queries, 160-px inputs, batch 8; trains on a CPU in minutes.
 """
 from __future__ import annotations
 
@@ -52,12 +53,14 @@ class DataConfig:
     synth_num_val: int = 50
     synth_image_size: int = 256
     synth_seed: int = 0
+    synth_val_seed: int = -1  # -1 = synth_seed (the val scenes differ from the train scenes either way)
     # augmentation (reference §7.2); all sizes parameterised for the smoke scale
     train_scales: list[int] = field(default_factory=lambda: _scales(480, 800))
     max_size: int = 1333
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
     crop_min: int = 384
     crop_max: int = 600
+    crop_prob: float = 0.5  # chance of the resize-crop-resize branch (the release: 0.5; 0 = multi-scale only)
     eval_size: int = 800
     hflip: bool = True
     num_workers: int = 2
@@ -87,7 +90,13 @@ class ModelConfig:
     mode: str = "uqr"
     backbone: str = "resnet50"
     pretrained_backbone: bool = False  # ImageNet weights need a network; never in tests
-    train_backbone: bool = True  # layer2-4 trainable (stem and layer1 always frozen)
+    # backbone weights from `solq pretrain-backbone`: a file or a shipped name (solq.models.pretrained)
+    backbone_weights: str = ""
+    train_backbone: bool = True  # false freezes the whole backbone
+    # frozen = the release's FrozenBatchNorm (for ImageNet weights and the authors' checkpoints); batch | group
+    # are trainable norms for training from scratch (frozen BN with random weights normalises nothing)
+    backbone_norm: str = "frozen"
+    freeze_stages: int = 2  # the first n of (stem, layer1, layer2, layer3, layer4) frozen; the release: 2
     dilation: bool = False
     hidden_dim: int = 256
     dim_feedforward: int = 1024
@@ -95,6 +104,9 @@ class ModelConfig:
     enc_layers: int = 6
     dec_layers: int = 6
     num_queries: int = 300
+    # hybrid matching (H-DETR): an extra group of queries, matched one-to-many in training (loss.one2many_k),
+    # masked from the main group in the decoder's self-attention and dropped at inference; 0 = off
+    num_queries_one2many: int = 0
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_feature_levels: int = 4
@@ -123,6 +135,10 @@ class LossConfig:
     vector_loss_norm: str = "mean"  # mean (release solq.py) | num_boxes
     vector_loss_stages: int = 0  # number of final decoder layers with the vector loss; 0 = all (Table 3c)
     focal_alpha: float = 0.25
+    cls_loss: str = "focal"  # focal (the release) | quality_focal (IoU-valued targets: scores rank by box quality)
+    one2many_k: int = 6  # hybrid matching: each ground-truth object repeated k times for the extra group
+    one2many_weight: float = 1.0  # weight of the extra group's losses
+    enc_one2many_k: int = 1  # two-stage: encoder proposals matched to each object k times (1 = one-to-one)
     mask_loss_coef: float = 1.0  # sqr focal
     dice_loss_coef: float = 1.0  # sqr dice / flatten dice
 
@@ -137,6 +153,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     epochs: int = 50
     lr_drop: int = 40
+    lr_schedule: str = "step"  # step (x0.1 at epoch lr_drop, the release) | cosine (per step, to min_lr_ratio)
+    warmup_steps: int = 0  # linear warm-up from 0 over this many optimiser steps (both schedules)
+    min_lr_ratio: float = 0.01  # cosine: final lr / initial lr
     clip_max_norm: float = 0.1
     batch_size: int = 4  # per process
     accumulate: int = 1  # gradient accumulation steps
@@ -205,19 +224,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper-r50": {},
     "release-r50": {"model": {"hidden_dim": 384}},
     "smoke": {
+        # the CPU recipe (measured in the README): the small backbone pretrained on synthetic scenes (the smoke
+        # analogue of ImageNet weights) at the transformer's lr, two-stage queries from 3 levels, IoU-aware
+        # classification, warm-up + cosine, batch 8 of 160-px inputs, thousands of distinct scenes
         "data": {
-            "train_scales": [192, 224, 256], "max_size": 320, "crop_resize_scales": [160, 192],
-            "crop_min": 128, "crop_max": 192, "eval_size": 256, "num_workers": 0,
-            "synth_num_train": 64, "synth_num_val": 16,
+            "train_scales": [160], "max_size": 192, "crop_resize_scales": [128, 160], "crop_min": 96,
+            "crop_max": 160, "crop_prob": 0.0, "eval_size": 160, "num_workers": 0,
+            "synth_num_train": 2000, "synth_num_val": 100, "synth_val_seed": 1,
         },
         "model": {
-            "backbone": "resnet18", "hidden_dim": 64, "dim_feedforward": 128, "nheads": 4,
-            "enc_layers": 2, "dec_layers": 2, "num_queries": 30, "num_feature_levels": 2,
-            "enc_n_points": 2, "dec_n_points": 2, "vector_hidden_dim": 128, "dropout": 0.0,
+            "backbone": "small", "backbone_norm": "batch", "freeze_stages": 0, "backbone_weights": "synthetic-small",
+            "hidden_dim": 64, "dim_feedforward": 128, "nheads": 4, "enc_layers": 2, "dec_layers": 2,
+            "num_queries": 30, "num_feature_levels": 3, "enc_n_points": 2, "dec_n_points": 2,
+            "vector_hidden_dim": 128, "dropout": 0.0, "two_stage": True,
         },
         "codec": {"resolution": 64, "num_coeffs": 128},
-        "train": {"epochs": 2, "lr_drop": 100, "batch_size": 2, "lr": 2e-4},
-        "eval": {"batch_size": 2},
+        "loss": {"cls_loss": "quality_focal"},
+        "train": {"epochs": 6, "max_steps": 1500, "lr_drop": 100, "batch_size": 8, "lr": 1e-3, "lr_backbone": 1e-3,
+                  "lr_schedule": "cosine", "warmup_steps": 50},
+        "eval": {"batch_size": 8},
         "runtime": {"device": "cpu"},
     },
 }
@@ -301,10 +326,13 @@ _CHOICES = {
     "codec.name": ("dct", "pca", "sparse", "flatten"),
     "codec.threshold": ("midrange", "0.5"),
     "model.mode": ("uqr", "sqr", "det"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "small"),
+    "model.backbone_norm": ("frozen", "batch", "group"),
+    "train.lr_schedule": ("step", "cosine"),
     "model.activation": ("relu", "gelu", "glu", "silu"),
     "model.attention_backend": ("auto", "reference", "fused", "triton"),
     "loss.vector_loss_norm": ("mean", "num_boxes"),
+    "loss.cls_loss": ("focal", "quality_focal"),
     "train.amp": ("none", "bf16", "fp16"),
     "runtime.dist_backend": ("auto", "nccl", "gloo"),
 }
@@ -332,6 +360,13 @@ def validate(cfg: Config) -> Config:
                           f"({cfg.codec.resolution ** 2})")
     if cfg.loss.vector_loss_stages < 0 or cfg.loss.vector_loss_stages > m.dec_layers:
         raise ConfigError(f"loss.vector_loss_stages must be in 0..model.dec_layers ({m.dec_layers})")
+    if not 0 <= m.freeze_stages <= 5:
+        raise ConfigError(f"model.freeze_stages must be in 0..5 (stem, layer1..4), got {m.freeze_stages}")
+    if m.num_queries_one2many < 0 or cfg.loss.one2many_k < 1 or cfg.loss.enc_one2many_k < 1:
+        raise ConfigError("model.num_queries_one2many must be >= 0, loss.one2many_k and loss.enc_one2many_k >= 1")
+    if m.backbone == "small" and (m.pretrained_backbone or m.dilation or m.backbone_norm == "frozen"):
+        raise ConfigError("model.backbone=small trains from scratch: no pretrained_backbone, no dilation, and "
+                          "model.backbone_norm must be batch or group")
     if cfg.train.accumulate < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.accumulate and train.batch_size must be >= 1")
     return cfg

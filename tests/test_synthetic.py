@@ -50,6 +50,15 @@ def test_val_split_independent_of_num_train(tmp_path, dataset):
     assert (root / "val" / "000004.png").read_bytes() == (small["val_images"] / "000004.png").read_bytes()
 
 
+def test_val_seed_changes_only_the_val_split(tmp_path, dataset):
+    root, _ = dataset
+    other = synthetic.generate(tmp_path, 24, 6, SIZE, seed=3, max_objects=MAX_OBJECTS, progress=False, val_seed=9)
+    assert (root / "train" / "000002.png").read_bytes() == (other["train_images"] / "000002.png").read_bytes()
+    assert (root / "val" / "000002.png").read_bytes() != (other["val_images"] / "000002.png").read_bytes()
+    assert synthetic.is_up_to_date(tmp_path, 24, 6, SIZE, 3, val_seed=9)
+    assert not synthetic.is_up_to_date(tmp_path, 24, 6, SIZE, 3)  # the val split is not seed 3's
+
+
 def test_coco_validity(dataset):
     root, paths = dataset
     assert paths["train_annotations"] == root / "annotations" / "instances_train.json"

@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -282,13 +283,15 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, seed:
 
 
 def generate(out_dir: str | Path, num_train: int, num_val: int, image_size: int, seed: int, *,
-             max_objects: int = 10, progress: bool = True) -> dict[str, Path]:
-    """Write the synthetic COCO-format dataset.
+             max_objects: int = 10, progress: bool = True, val_seed: int | None = None) -> dict[str, Path]:
+    """Write the synthetic COCO-format dataset and print how long it took.
 
     Args:
         out_dir: root folder (created). num_train / num_val: images per split (>= 0). image_size: side S in
             pixels of the square images (>= 32). seed: same seed, same bytes. max_objects: objects per image
             are drawn uniformly from 1..max_objects (a few may be dropped when nearly fully occluded).
+            val_seed: the val split's seed when it should differ from ``seed`` (None: ``seed``; the splits'
+            scenes differ either way, since each image's generator is seeded by (seed, split, index)).
     Returns:
         {"root", "train_images", "train_annotations", "val_images", "val_annotations"} paths.
     """
@@ -299,24 +302,30 @@ def generate(out_dir: str | Path, num_train: int, num_val: int, image_size: int,
                          f"got {num_train}, {num_val}, {max_objects}")
     root = Path(out_dir)
     paths: dict[str, Path] = {"root": root}
+    start = time.perf_counter()
+    seeds = {"train": seed, "val": seed if val_seed is None else val_seed}
     for split, n in (("train", num_train), ("val", num_val)):
         paths[f"{split}_images"], paths[f"{split}_annotations"] = _write_split(
-            root, split, n, image_size, seed, max_objects, progress)
+            root, split, n, image_size, seeds[split], max_objects, progress)
+    if progress:
+        print(f"synthetic: {num_train} + {num_val} scenes of {image_size} px (seed {seeds['train']}/{seeds['val']}) "
+              f"generated into {root} in {time.perf_counter() - start:.1f} s", flush=True)
     return paths
 
 
 def is_up_to_date(out_dir: str | Path, num_train: int, num_val: int, image_size: int, seed: int, *,
-                  max_objects: int = 10) -> bool:
+                  max_objects: int = 10, val_seed: int | None = None) -> bool:
     """True when out_dir holds a complete set generated with exactly these parameters (and this version)."""
     root = Path(out_dir)
     for split, n in (("train", num_train), ("val", num_val)):
+        split_seed = val_seed if split == "val" and val_seed is not None else seed
         ann_file = root / "annotations" / f"instances_{split}.json"
         try:
             with open(ann_file) as f:
                 info = json.load(f).get("info", {})
         except (OSError, ValueError):
             return False
-        if info != _info(split, n, image_size, seed, max_objects):
+        if info != _info(split, n, image_size, split_seed, max_objects):
             return False
         if n and not (root / split / f"{n:06d}.png").exists():
             return False
@@ -331,6 +340,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--num-val", type=int, default=50, help="validation images (default 50)")
     parser.add_argument("--image-size", type=int, default=256, help="side of the square images in px (256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (0)")
+    parser.add_argument("--val-seed", type=int, default=None, help="seed of the val split (default: --seed)")
     parser.add_argument("--max-objects", type=int, default=10, help="at most this many objects per image (10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -338,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def run_from_args(args: argparse.Namespace) -> int:
     paths = generate(args.out, args.num_train, args.num_val, args.image_size, args.seed,
-                     max_objects=args.max_objects, progress=not args.no_progress)
+                     max_objects=args.max_objects, progress=not args.no_progress, val_seed=args.val_seed)
     for key in ("train_annotations", "val_annotations"):
         print(f"{key}: {paths[key]}")
     return 0

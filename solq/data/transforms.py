@@ -4,7 +4,7 @@ Image, boxes (tv_tensors.BoundingBoxes) and masks (tv_tensors.Mask, resized with
 
 train (``build_transforms(True, cfg.data)``):
   1. RandomHorizontalFlip(0.5)                      (when ``cfg.hflip``)
-  2. with probability 0.5 each (the reference's RandomSelect):
+  2. with probability 1 - crop_prob and crop_prob (0.5 each: the reference's RandomSelect):
      a. RandomResize(train_scales, max_size)
      b. RandomResize(crop_resize_scales) -> RandomSizeCrop(crop_min, crop_max)
         -> RandomResize(train_scales, max_size)
@@ -151,6 +151,8 @@ def _check(cfg: DataConfig) -> None:
     positive("train_scales", list(cfg.train_scales))
     positive("crop_resize_scales", list(cfg.crop_resize_scales))
     positive("max_size / eval_size / crop_min / crop_max", [cfg.max_size, cfg.eval_size, cfg.crop_min, cfg.crop_max])
+    if not 0.0 <= cfg.crop_prob <= 1.0:
+        raise ConfigError(f"data.crop_prob must be in [0, 1], got {cfg.crop_prob}")
     if cfg.crop_min > cfg.crop_max:
         raise ConfigError(f"data.crop_min ({cfg.crop_min}) must be <= data.crop_max ({cfg.crop_max})")
 
@@ -169,7 +171,8 @@ def build_transforms(train: bool, cfg_data: DataConfig):
             RandomSizeCrop(cfg_data.crop_min, cfg_data.crop_max),
             RandomResize(cfg_data.train_scales, max_size=cfg_data.max_size),
         ])
-        steps.append(v2.RandomChoice([multiscale, crop_branch], p=[0.5, 0.5]))
+        p = cfg_data.crop_prob
+        steps.append(v2.RandomChoice([multiscale, crop_branch], p=[1 - p, p]) if p > 0 else multiscale)
     else:
         steps.append(RandomResize([cfg_data.eval_size], max_size=cfg_data.max_size))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]

@@ -129,7 +129,8 @@ def _ensure_synthetic(cfg: Config) -> None:
         from solq.data.synthetic import generate
 
         d = cfg.data
-        generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed)
+        generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed,
+                 val_seed=d.synth_val_seed if d.synth_val_seed >= 0 else None)
     du.barrier()
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:

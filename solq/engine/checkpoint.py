@@ -219,7 +219,7 @@ def build_from_checkpoint(path: str | Path, *, config: Optional[str] = None, ove
 
     saved, weights, state = load_model_weights(path)
     cfg = config_for_checkpoint(saved, config, overrides)
-    model, criterion, postprocessor = build_model(cfg)
+    model, criterion, postprocessor = build_model(cfg, initial_weights=False)  # the checkpoint has every weight
     model.load_state_dict(weights)
     model.to(device).eval()
     criterion.to(device)

@@ -1,5 +1,7 @@
-"""Optimiser and schedule of reference §1.3: AdamW with three parameter groups chosen by name substring,
-StepLR stepped once per epoch.
+"""Optimiser and schedule: AdamW with three parameter groups chosen by name substring (reference §1.3) and
+the learning-rate schedule: the release's StepLR stepped once per epoch (``train.lr_schedule=step``, no
+warm-up), or, stepped once per optimiser step, a linear warm-up over ``train.warmup_steps`` followed by the
+step decay or by a cosine decay to ``train.min_lr_ratio`` x lr at the last step (``cosine``).
 
 | group | matches (substring of the parameter name) | lr |
 |---|---|---|
@@ -12,6 +14,8 @@ Frozen parameters (``requires_grad=False``) are left out; a parameter shared by 
 """
 from __future__ import annotations
 
+import functools
+import math
 from typing import Sequence
 
 import torch
@@ -19,7 +23,8 @@ from torch import nn
 
 from solq.config import Config
 
-__all__ = ["BACKBONE_NAMES", "LINEAR_PROJ_NAMES", "param_groups", "build_optimizer", "build_scheduler"]
+__all__ = ["BACKBONE_NAMES", "LINEAR_PROJ_NAMES", "param_groups", "build_optimizer", "build_scheduler",
+           "PerStepLR", "lr_factor"]
 
 BACKBONE_NAMES = ("backbone.0",)
 LINEAR_PROJ_NAMES = ("reference_points", "sampling_offsets")
@@ -66,6 +71,41 @@ def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, fused=fused or None)
 
 
-def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.StepLR:
-    """StepLR(step_size=train.lr_drop, gamma=0.1), stepped once per epoch."""
-    return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(cfg.train.lr_drop, 1), gamma=0.1)
+class PerStepLR(torch.optim.lr_scheduler.LambdaLR):
+    """A LambdaLR that the training loop steps after every optimiser step (``per_step`` is True)."""
+
+    per_step = True
+
+
+def lr_factor(step: int, *, schedule: str, total_steps: int, warmup_steps: int = 0, steps_per_epoch: int = 1,
+              lr_drop: int = 40, min_lr_ratio: float = 0.01) -> float:
+    """Multiplier of the base lr for optimiser step ``step`` (0-based: the lr used by the (step+1)-th update).
+
+    Warm-up: (step + 1) / warmup_steps while step < warmup_steps. Then "step": 0.1 from epoch ``lr_drop``
+    (epochs of ``steps_per_epoch`` steps); "cosine": min_lr_ratio + (1 - min_lr_ratio) (1 + cos(pi t)) / 2 with
+    t the fraction of the post-warm-up steps done, reaching min_lr_ratio at step total_steps - 1.
+    """
+    warm = (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    if schedule == "step":
+        return warm * (0.1 if step // max(steps_per_epoch, 1) >= lr_drop else 1.0)
+    if schedule != "cosine":
+        raise ValueError(f"train.lr_schedule: {schedule!r} is not 'step' or 'cosine'")
+    span = max(total_steps - 1 - warmup_steps, 1)
+    t = min(max(step - warmup_steps, 0) / span, 1.0)
+    return warm * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def build_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int = 1):
+    """The release's StepLR(step_size=train.lr_drop, gamma=0.1), stepped once per epoch, when
+    ``train.lr_schedule`` is "step" without warm-up; otherwise a :class:`PerStepLR` of :func:`lr_factor`,
+    stepped once per optimiser step (``steps_per_epoch`` optimiser steps make an epoch; the run ends after
+    ``train.max_steps`` or ``train.epochs`` epochs, whichever comes first)."""
+    t = cfg.train
+    if t.lr_schedule == "step" and t.warmup_steps == 0:
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(t.lr_drop, 1), gamma=0.1)
+    total = t.epochs * steps_per_epoch
+    if t.max_steps > 0:
+        total = min(total, t.max_steps)
+    factor = functools.partial(lr_factor, schedule=t.lr_schedule, total_steps=total, warmup_steps=t.warmup_steps,
+                               steps_per_epoch=steps_per_epoch, lr_drop=t.lr_drop, min_lr_ratio=t.min_lr_ratio)
+    return PerStepLR(optimizer, factor)

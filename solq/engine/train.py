@@ -88,13 +88,15 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
                     device: torch.device, state: TrainState, scaler: Optional[torch.amp.GradScaler] = None,
                     amp: str = "none", accumulate: int = 1, clip_max_norm: float = 0.1, max_steps: int = 0,
                     logger: Optional[RunLogger] = None, log_every: int = 10,
-                    on_step: Optional[Callable[[TrainState], None]] = None, progress_bar: bool = True) -> dict:
+                    on_step: Optional[Callable[[TrainState], None]] = None, progress_bar: bool = True,
+                    scheduler=None) -> dict:
     """Train over the remaining batches of ``loader`` (already positioned at ``state.batch_in_epoch``).
 
     Every ``accumulate`` micro-batches (fewer for the epoch's last group) make one optimiser step; each
     micro-batch loss is divided by the group size, and DDP synchronises gradients only on the group's
     last micro-batch. ``state`` is updated in place after each step, then ``on_step(state)`` is called
-    (checkpointing). Stops early once ``state.step`` reaches ``max_steps`` (> 0).
+    (checkpointing). Stops early once ``state.step`` reaches ``max_steps`` (> 0). ``scheduler``, when given,
+    is stepped after every optimiser step (per-step schedules; the epoch schedule is stepped by ``fit``).
 
     Returns the epoch means of "loss", the weighted terms, "class_error" and "grad_norm" (rank-averaged).
     Raises NonFiniteLossError (on every rank at once) when the loss is not finite.
@@ -142,6 +144,8 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         state.step += 1
         state.batch_in_epoch = pos
         step_values["grad_norm"] = grad_norm
@@ -220,6 +224,7 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
     import solq
 
     configure_runtime(cfg)
+    started = time.perf_counter()
     device, t = info.device, cfg.train
     out = Path(cfg.runtime.output_dir)
     resume = _resume_source(cfg.runtime.resume, out)
@@ -230,7 +235,12 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
     model.to(device)
     criterion.to(device)
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_scheduler(cfg, optimizer)
+    pin = device.type == "cuda"
+    train_loader = build_train_loader(train_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
+    val_loader = build_val_loader(val_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
+    steps_per_epoch = len(train_loader)
+    scheduler = build_scheduler(cfg, optimizer, -(-steps_per_epoch // t.accumulate))
+    per_step_lr = getattr(scheduler, "per_step", False)
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     state = TrainState()
     if resume is not None:
@@ -246,10 +256,6 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
                           f"{unused[:5]}{' ...' if len(unused) > 5 else ''}", RuntimeWarning, stacklevel=2)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=bool(unused))
-    pin = device.type == "cuda"
-    train_loader = build_train_loader(train_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
-    val_loader = build_val_loader(val_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
-    steps_per_epoch = len(train_loader)
     categories = {int(k): str(v) for k, v in train_ds.category_names.items()}
     iou_types = iou_types_for(cfg.model.mode, cfg.eval.iou_types)
     if info.is_main:
@@ -280,7 +286,8 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
         metrics = evaluate(bare, postprocessor, val_loader, val_ds.coco, device=device, criterion=criterion,
                            amp=t.amp, iou_types=iou_types, boundary=cfg.eval.boundary,
                            progress_bar=progress_bar)
-        logger.log({"type": "eval", "epoch": state.epoch, "step": state.step, **metrics}, step=state.step,
+        logger.log({"type": "eval", "epoch": state.epoch, "step": state.step,
+                    "elapsed_s": round(time.perf_counter() - started, 1), **metrics}, step=state.step,
                    tb_prefix="val/")
         return metrics
 
@@ -293,11 +300,13 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
             means = train_one_epoch(model, criterion, train_loader, optimizer, device=device, state=state,
                                     scaler=scaler, amp=t.amp, accumulate=t.accumulate,
                                     clip_max_norm=t.clip_max_norm, max_steps=t.max_steps, logger=logger,
-                                    log_every=t.log_every, on_step=on_step, progress_bar=progress_bar)
+                                    log_every=t.log_every, on_step=on_step, progress_bar=progress_bar,
+                                    scheduler=scheduler if per_step_lr else None)
             if state.batch_in_epoch < steps_per_epoch:  # stopped by max_steps mid-epoch
                 save(False)
                 break
-            scheduler.step()
+            if not per_step_lr:
+                scheduler.step()
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             logger.log({"type": "epoch", "epoch": state.epoch, "step": state.step, **means,
                         "epoch_time": time.perf_counter() - epoch_start}, step=state.step, tb_prefix="epoch/")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .backbone import Backbone, Joiner
+from . import pretrained
+from .backbone import Backbone, Joiner, load_backbone_weights
 from .deformable_attention import BACKENDS, MSDeformAttn, get_backend, ms_deform_attn_reference
 from .heads import MLP, inverse_sigmoid
 from .position_encoding import PositionEmbeddingSine
@@ -21,10 +22,12 @@ __all__ = [
 ]
 
 
-def build_detector(cfg, vector_dim: Optional[int] = None) -> SOLQ:
+def build_detector(cfg, vector_dim: Optional[int] = None, *, initial_weights: bool = True) -> SOLQ:
     """The network described by ``cfg.model`` (mode uqr or det; mode sqr builds its det detector).
 
     ``vector_dim`` is the codec's vector length n_k (mode uqr); None reads ``cfg.codec.num_coeffs``.
+    ``initial_weights`` False skips ``model.pretrained_backbone`` / ``model.backbone_weights`` (for callers that
+    load a whole state dict next, e.g. from a checkpoint).
     """
     from solq.config import ConfigError
 
@@ -32,9 +35,12 @@ def build_detector(cfg, vector_dim: Optional[int] = None) -> SOLQ:
     if m.num_classes < 1:
         raise ConfigError("model.num_classes is 0: set it (max category id + 1) or let the engine take it "
                           "from the dataset before building the model")
-    backbone = Joiner(Backbone(m.backbone, train_backbone=m.train_backbone, dilation=m.dilation,
-                               pretrained=m.pretrained_backbone),
-                      PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
+    body = Backbone(m.backbone, train_backbone=m.train_backbone, dilation=m.dilation,
+                    pretrained=m.pretrained_backbone and initial_weights, norm=m.backbone_norm,
+                    freeze_stages=m.freeze_stages)
+    if m.backbone_weights and initial_weights:
+        load_backbone_weights(body, pretrained.path(m.backbone_weights), arch=m.backbone)
+    backbone = Joiner(body, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))
     transformer = DeformableTransformer(
         d_model=m.hidden_dim, nhead=m.nheads, num_encoder_layers=m.enc_layers, num_decoder_layers=m.dec_layers,
         dim_feedforward=m.dim_feedforward, dropout=m.dropout, activation=m.activation,
@@ -45,11 +51,12 @@ def build_detector(cfg, vector_dim: Optional[int] = None) -> SOLQ:
                 num_feature_levels=m.num_feature_levels, mode=mode,
                 vector_dim=(vector_dim or cfg.codec.num_coeffs) if mode == "uqr" else None,
                 vector_hidden_dim=m.vector_hidden_dim, aux_loss=m.aux_loss, with_box_refine=m.with_box_refine,
-                two_stage=m.two_stage)
+                two_stage=m.two_stage, num_queries_one2many=m.num_queries_one2many)
 
 
-def build_model(cfg):
-    """Returns (model, criterion, postprocessor) for ``cfg`` (a solq.config.Config).
+def build_model(cfg, *, initial_weights: bool = True):
+    """Returns (model, criterion, postprocessor) for ``cfg`` (a solq.config.Config); ``initial_weights`` as in
+    :func:`build_detector`.
 
     The codec (``cfg.codec``) sets the vector length; mode sqr wraps a det detector in the SQR mask branch.
     Raises ConfigError when ``cfg.model.num_classes`` is 0 (the engine fills it from the data).
@@ -64,7 +71,7 @@ def build_model(cfg):
         raise ConfigError("model.num_classes is 0: set it (max category id + 1) or let the engine take it "
                           "from the dataset before building the model")
     codec = build_codec_from_config(cfg.codec)
-    detector = build_detector(cfg, vector_dim=codec.dim)
+    detector = build_detector(cfg, vector_dim=codec.dim, initial_weights=initial_weights)
     if cfg.model.mode == "sqr":
         from .sqr import build_sqr
 

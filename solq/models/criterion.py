@@ -6,6 +6,13 @@ how to weight them (the engine sums ``loss[k] * weight_dict[k]``). Key names: ``
 ``loss_bbox``, ``loss_giou``, ``loss_vector`` (uqr), ``loss_mask`` + ``loss_dice`` (sqr); suffix ``_i``
 for decoder layer i < L-1 and ``_enc`` for the encoder. ``class_error`` (last layer) is logged only.
 
+Hybrid matching (H-DETR): when the outputs carry ``one2many_outputs`` (the model's extra query group), every
+ground-truth object is repeated ``one2many_k`` times and Hungarian-matched to that group, layer by layer, with
+the same losses (the vector loss included; the SQR mask loss stays on the main group), normalised by the
+repeated count and weighted by ``one2many_weight``; keys get the suffix ``_one2many``. ``enc_one2many_k`` > 1
+matches each object to that many two-stage encoder proposals in the same way (a one-to-many assignment for the
+proposals, in the spirit of DETA).
+
 Normalisation (release solq.py): focal, L1 and GIoU are sums divided by ``num_boxes`` (GT boxes in the
 batch, averaged over processes, at least 1). The DCT vector loss is ``coef * mean |v_hat - v|`` over
 matched pairs x coefficients (``vector_loss_norm="mean"``; with several processes the matched count
@@ -20,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from .matcher import HungarianMatcher, build_matcher
 
@@ -60,7 +67,7 @@ class _GroundTruth:
     are encoded once (batched) and then indexed by each layer's matches.
     """
 
-    def __init__(self, targets: list[dict], device: torch.device):
+    def __init__(self, targets: list[dict], device: torch.device, source: "tuple[_GroundTruth, torch.Tensor] | None" = None):
         self.targets = targets
         self.device = device
         sizes = [len(t["labels"]) for t in targets]
@@ -70,6 +77,19 @@ class _GroundTruth:
         self.total = sum(sizes)
         self._crops: dict[int, torch.Tensor] = {}
         self._vectors = None
+        self._source = source  # (ground truth, int64 [total] rows of it) when these targets repeat another's
+
+    def repeated(self, k: int) -> "_GroundTruth":
+        """The same objects, each image's repeated ``k`` times (in order o_1..o_n, o_1..o_n, ...); crops and
+        vectors are read from this one's, not recomputed. Targets keep ``labels``, ``boxes`` and ``image_id``."""
+        reps, rows = [], []
+        for t, o in zip(self.targets, self.offsets):
+            n = len(t["labels"])
+            reps.append({"labels": t["labels"].repeat(k), "boxes": t["boxes"].repeat(k, 1),
+                         **({"image_id": t["image_id"]} if "image_id" in t else {})})
+            rows.append(torch.arange(n).repeat(k) + o)
+        index = torch.cat(rows).to(self.device) if rows else torch.empty(0, dtype=torch.int64, device=self.device)
+        return _GroundTruth(reps, self.device, source=(self, index))
 
     def global_index(self, indices) -> torch.Tensor:
         """int64 [k] positions of the matched targets in the concatenation (layer's matching order)."""
@@ -83,6 +103,8 @@ class _GroundTruth:
     @torch.no_grad()
     def crops(self, size: int) -> torch.Tensor:
         """float {0,1} [total, size, size]: every GT mask cropped to its GT ``boxes_xyxy``."""
+        if self._source is not None:
+            return self._source[0].crops(size)[self._source[1]]
         if size not in self._crops:
             from solq.coding import crop_to_box
 
@@ -106,6 +128,8 @@ class _GroundTruth:
     @torch.no_grad()
     def vectors(self, codec) -> torch.Tensor:
         """float [total, codec.dim]: ``codec.encode`` of :meth:`crops`, one call for the whole batch."""
+        if self._source is not None:
+            return self._source[0].vectors(codec)[self._source[1]]
         if self._vectors is None:
             self._vectors = codec.encode(self.crops(codec.resolution)).float()
         return self._vectors
@@ -139,12 +163,18 @@ class SetCriterion(nn.Module):
         vector_loss_norm: "mean" (release solq.py) or "num_boxes" (fast_solq); l1 codecs only.
         vector_loss_stages: number of final decoder layers that get the vector loss; 0 = all (Table 3c).
         num_dec_layers: L, the number of decoder layers (``aux_outputs`` holds layers 0..L-2).
+        one2many: the model has a hybrid-matching query group (adds the ``_one2many`` weights).
+        one2many_k, one2many_weight: repeats of each object for that group, and its losses' weight.
+        enc_one2many_k: proposals matched to each object in the two-stage encoder loss (1 = one-to-one).
+        cls_loss: "focal" (the release) or "quality_focal" (IoU-valued targets; see :meth:`loss_labels`).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, codec=None,
                  losses=("labels", "boxes", "vectors"), weight_dict: dict | None = None,
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, vector_loss_coef: float = 3.0,
-                 vector_loss_norm: str = "mean", vector_loss_stages: int = 0, num_dec_layers: int = 6):
+                 vector_loss_norm: str = "mean", vector_loss_stages: int = 0, num_dec_layers: int = 6,
+                 one2many: bool = False, one2many_k: int = 6, one2many_weight: float = 1.0,
+                 enc_one2many_k: int = 1, cls_loss: str = "focal"):
         super().__init__()
         unknown = set(losses) - set(LOSS_KEYS)
         if unknown:
@@ -167,6 +197,13 @@ class SetCriterion(nn.Module):
         self.vector_loss_norm = vector_loss_norm
         self.vector_loss_stages = vector_loss_stages
         self.num_dec_layers = num_dec_layers
+        if one2many_k < 1 or enc_one2many_k < 1:
+            raise ValueError(f"SetCriterion: one2many_k and enc_one2many_k must be >= 1, got {one2many_k}, {enc_one2many_k}")
+        self.one2many, self.one2many_k, self.one2many_weight = one2many, one2many_k, one2many_weight
+        self.enc_one2many_k = enc_one2many_k
+        if cls_loss not in ("focal", "quality_focal"):
+            raise ValueError(f"SetCriterion: cls_loss {cls_loss!r} is not 'focal' or 'quality_focal'")
+        self.cls_loss = cls_loss
         self.weight_dict = self._expand_weights({**_DEFAULT_WEIGHTS, **(weight_dict or {})})
 
     # ---- which loss runs where -------------------------------------------------------------------
@@ -191,19 +228,36 @@ class SetCriterion(nn.Module):
             for name in self._layer_losses(layer):
                 for key in LOSS_KEYS[name]:
                     weights[key + suffix] = float(base.get(key + suffix, base[key]))
+                    if self.one2many and layer is not None and name != "masks":
+                        weights[key + suffix + "_one2many"] = float(
+                            base.get(key + suffix + "_one2many", base[key] * self.one2many_weight))
         return weights
 
     # ---- individual losses -----------------------------------------------------------------------
     def loss_labels(self, outputs, targets, indices, num_boxes, gt, log=False):
-        """Sigmoid focal loss over all queries x classes, summed, / num_boxes (reference §4)."""
+        """Sigmoid focal loss over all queries x classes, summed, / num_boxes (reference §4).
+
+        With ``cls_loss="quality_focal"`` the matched (query, class) target is the IoU of the predicted and the
+        ground-truth box instead of 1 (detached), with the quality focal loss of Li et al. (GFL, NeurIPS 2020):
+        BCE(sigmoid(x), t) * |t - sigmoid(x)|^gamma, so scores learn to rank by localisation quality."""
         logits = outputs["pred_logits"].float()
         batch, query = _src_index(indices, logits.device)
         labels = torch.cat([t["labels"][j.to(t["labels"].device)]
                             for t, (_, j) in zip(targets, indices)]).to(logits.device)
         onehot = torch.zeros_like(logits)
-        onehot[batch, query, labels] = 1.0
-        loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
-                                  reduction="sum") / num_boxes
+        if self.cls_loss == "quality_focal":
+            with torch.no_grad():
+                src = outputs["pred_boxes"][batch, query].float()
+                tgt = torch.cat([t["boxes"][j.to(t["boxes"].device)] for t, (_, j) in zip(targets, indices)])
+                iou = box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt.to(src), "cxcywh", "xyxy"))
+                onehot[batch, query, labels] = iou.diagonal().clamp(min=0.01).to(onehot.dtype)
+            prob = logits.sigmoid()
+            loss = (F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
+                    * (onehot - prob).abs().pow(self.focal_gamma)).sum() / num_boxes
+        else:
+            onehot[batch, query, labels] = 1.0
+            loss = sigmoid_focal_loss(logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma,
+                                      reduction="sum") / num_boxes
         out = {"loss_ce": loss}
         if log:
             with torch.no_grad():
@@ -307,22 +361,41 @@ class SetCriterion(nn.Module):
                              f"num_dec_layers - 1 = {self.num_dec_layers - 1}")
         num_boxes = self.num_boxes(targets, device)
         gt = _GroundTruth(targets, device)
+        losses = self._decoder_losses(outputs, targets, gt, num_boxes, "")
+        if "one2many_outputs" in outputs:
+            if not self.one2many:
+                raise ValueError("SetCriterion: outputs have 'one2many_outputs' but the criterion was built with "
+                                 "one2many=False (model.num_queries_one2many > 0 needs it)")
+            rep = gt.repeated(self.one2many_k)
+            losses.update(self._decoder_losses(outputs["one2many_outputs"], rep.targets, rep,
+                                               self.num_boxes(rep.targets, device), "_one2many"))
+        if "enc_outputs" in outputs:
+            enc = outputs["enc_outputs"]
+            enc_gt = gt.repeated(self.enc_one2many_k) if self.enc_one2many_k > 1 else gt
+            # class-agnostic proposals: every GT is class 0 (reference §2.7)
+            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in enc_gt.targets]
+            enc_boxes = num_boxes if enc_gt is gt else self.num_boxes(enc_targets, device)
+            indices = self.matcher(enc, enc_targets)
+            for name in self._layer_losses(None):
+                terms = getattr(self, f"loss_{name}")(enc, enc_targets, indices, enc_boxes, enc_gt)
+                losses.update({k + "_enc": v for k, v in terms.items()})
+        return losses
+
+    def _decoder_losses(self, outputs: dict, targets: list[dict], gt: _GroundTruth, num_boxes: float,
+                        group: str) -> dict:
+        """Every decoder layer's loss terms of one query group (``group`` "" for the main one, whose last
+        layer also logs ``class_error``; "_one2many" for the hybrid group, which has no mask loss)."""
         losses = {}
+        aux = outputs.get("aux_outputs", [])
         layers = [(outputs, self.num_dec_layers - 1, "")] + [(a, i, f"_{i}") for i, a in enumerate(aux)]
         for out, layer, suffix in layers:
             indices = self.matcher(out, targets)
             for name in self._layer_losses(layer):
-                kwargs = {"log": True} if name == "labels" and suffix == "" else {}
+                if group and name == "masks":
+                    continue
+                kwargs = {"log": True} if name == "labels" and suffix == "" and not group else {}
                 terms = getattr(self, f"loss_{name}")(out, targets, indices, num_boxes, gt, **kwargs)
-                losses.update({k if k == "class_error" else k + suffix: v for k, v in terms.items()})
-        if "enc_outputs" in outputs:
-            enc = outputs["enc_outputs"]
-            # class-agnostic proposals: every GT is class 0 (reference §2.7)
-            enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in targets]
-            indices = self.matcher(enc, enc_targets)
-            for name in self._layer_losses(None):
-                terms = getattr(self, f"loss_{name}")(enc, enc_targets, indices, num_boxes, gt)
-                losses.update({k + "_enc": v for k, v in terms.items()})
+                losses.update({k if k == "class_error" else k + suffix + group: v for k, v in terms.items()})
         return losses
 
 
@@ -341,4 +414,6 @@ def build_criterion(cfg, codec, num_classes: int) -> SetCriterion:
     return SetCriterion(num_classes, build_matcher(cfg), codec=codec if mode == "uqr" else None,
                         losses=losses, weight_dict=weights, focal_alpha=L.focal_alpha,
                         vector_loss_coef=L.vector_loss_coef, vector_loss_norm=L.vector_loss_norm,
-                        vector_loss_stages=L.vector_loss_stages, num_dec_layers=cfg.model.dec_layers)
+                        vector_loss_stages=L.vector_loss_stages, num_dec_layers=cfg.model.dec_layers,
+                        one2many=cfg.model.num_queries_one2many > 0, one2many_k=L.one2many_k,
+                        one2many_weight=L.one2many_weight, enc_one2many_k=L.enc_one2many_k, cls_loss=L.cls_loss)

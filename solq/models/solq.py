@@ -33,6 +33,10 @@ class SOLQ(nn.Module):
         vector_hidden_dim: hidden width of the vector MLP (1024 in the release).
         aux_loss: also return per-layer outputs. with_box_refine: per-layer (unshared) class/box heads
             that also refine the decoder's references. two_stage: queries from top encoder proposals.
+        num_queries_one2many: Q2, an extra query group for hybrid matching (H-DETR, Jia et al., CVPR 2023):
+            run only in training, after the Q main queries, with the decoder's self-attention masked between
+            the two groups (the main group's outputs do not depend on the extra one); its outputs come back
+            under ``one2many_outputs`` for a one-to-many loss. 0 = off.
 
     Head layout as the release: ``class_embed`` and ``bbox_embed`` are ModuleLists with one entry per
     decoder layer (+1 for two-stage encoder scoring); without box refinement all entries are the same
@@ -42,7 +46,7 @@ class SOLQ(nn.Module):
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, *, num_classes: int,
                  num_queries: int = 300, num_feature_levels: int = 4, mode: str = "uqr",
                  vector_dim: Optional[int] = 256, vector_hidden_dim: int = 1024, aux_loss: bool = True,
-                 with_box_refine: bool = True, two_stage: bool = False):
+                 with_box_refine: bool = True, two_stage: bool = False, num_queries_one2many: int = 0):
         super().__init__()
         if mode not in ("uqr", "det"):
             raise ValueError(f"SOLQ mode must be 'uqr' or 'det', got {mode!r} (sqr wraps a 'det' detector)")
@@ -52,6 +56,7 @@ class SOLQ(nn.Module):
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         d = transformer.d_model
         self.mode, self.num_classes, self.num_queries = mode, num_classes, num_queries
+        self.num_queries_one2many = num_queries_one2many
         self.num_feature_levels, self.aux_loss = num_feature_levels, aux_loss
         self.with_box_refine, self.two_stage = with_box_refine, two_stage
         self.hidden_dim = d
@@ -70,7 +75,7 @@ class SOLQ(nn.Module):
             nn.init.xavier_uniform_(seq[0].weight, gain=1)
             nn.init.zeros_(seq[0].bias)
         if not two_stage:
-            self.query_embed = nn.Embedding(num_queries, 2 * d)
+            self.query_embed = nn.Embedding(num_queries + num_queries_one2many, 2 * d)
 
         class_embed = nn.Linear(d, num_classes)
         bbox_embed = MLP(d, d, 4, 3)
@@ -126,6 +131,9 @@ class SOLQ(nn.Module):
           - ``pred_vectors`` [B,Q,n_k]: raw mask-code vectors (mode uqr only);
           - ``aux_outputs`` (if aux_loss): list of L-1 dicts with the keys above for layers 0..L-2;
           - ``enc_outputs`` (two-stage): {``pred_logits`` [B,S,C], ``pred_boxes`` [B,S,4]} per encoder token;
+          - ``one2many_outputs`` (training with ``num_queries_one2many`` > 0): the extra group's
+            ``pred_logits`` [B,Q2,C], ``pred_boxes``, ``pred_vectors`` and ``aux_outputs``; the other keys
+            then describe the Q main queries only (``hs``, ``dec_attention``, references included);
           - with ``return_intermediates``: ``hs`` [L,B,Q,d]; ``memory`` list of [B,d,H_l,W_l];
             ``memory_masks`` list of bool [B,H_l,W_l]; ``features`` list of (backbone map [B,C_l,h,w],
             mask bool [B,h,w]) for C3, C4, C5 (always all three);
@@ -136,12 +144,18 @@ class SOLQ(nn.Module):
         """
         features, srcs, masks, pos = self._levels(images, mask)
         refine = self.with_box_refine
+        Q, Q2 = self.num_queries, (self.num_queries_one2many if self.training else 0)
+        attn_mask = None
+        if Q2:  # True = blocked: neither group sees the other
+            group = torch.arange(Q + Q2, device=images.device) >= Q
+            attn_mask = group[:, None] != group[None, :]
         t = self.transformer(
-            srcs, masks, pos, None if self.two_stage else self.query_embed.weight,
+            srcs, masks, pos, None if self.two_stage else self.query_embed.weight[:Q + Q2],
             bbox_embed=self.bbox_embed if refine else None,
             enc_class_embed=self.class_embed[-1] if self.two_stage else None,
             enc_bbox_embed=self.bbox_embed[-1] if self.two_stage else None,
-            return_attention=return_attention)
+            return_attention=return_attention, num_extra_proposals=Q2 if self.two_stage else 0,
+            self_attn_mask=attn_mask)
         hs, refs = t["hs"], t["references"]
         num_layers = hs.shape[0]
         vectors = self.vector_embed(hs) if self.vector_embed is not None else None  # one shared MLP
@@ -153,9 +167,18 @@ class SOLQ(nn.Module):
             if vectors is not None:
                 out["pred_vectors"] = vectors[lvl]
             layers.append(out)
+        if Q2:  # split the groups; everything below describes the main one
+            extra = [{k: v[:, Q:] for k, v in out.items()} for out in layers]
+            layers = [{k: v[:, :Q] for k, v in out.items()} for out in layers]
+            hs, refs = hs[:, :, :Q], refs[:, :, :Q]
+            t["init_reference"] = t["init_reference"][:, :Q]
+            if return_attention:
+                t["attention"] = [{k: v[:, :Q] for k, v in a.items()} for a in t["attention"]]
         result = dict(layers[-1])
         if self.aux_loss:
             result["aux_outputs"] = layers[:-1]
+        if Q2:
+            result["one2many_outputs"] = {**extra[-1], **({"aux_outputs": extra[:-1]} if self.aux_loss else {})}
         if self.two_stage:
             result["enc_outputs"] = {"pred_logits": t["enc_logits"], "pred_boxes": t["enc_boxes"]}
         if return_intermediates:

@@ -78,11 +78,13 @@ class DeformableDecoderLayer(nn.Module):
         self.norm3 = nn.LayerNorm(d_model)
 
     def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                memory_padding_mask, return_attention=False):
+                memory_padding_mask, return_attention=False, self_attn_mask=None):
         """tgt, query_pos: [B,Q,d]; reference_points: [B,Q,L,2|4]; memory: [B,S,d]; memory_padding_mask:
-        bool [B,S]. Returns (tgt [B,Q,d], (locations, weights) or None)."""
+        bool [B,S]; self_attn_mask: None or bool [Q,Q], True where query i may not attend to query j
+        (separates query groups). Returns (tgt [B,Q,d], (locations, weights) or None)."""
         q = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False)[0]))
+        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False,
+                                                            attn_mask=self_attn_mask)[0]))
         out = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                               memory_padding_mask, return_attention=return_attention)
         out, attn = out if return_attention else (out, None)
@@ -124,9 +126,11 @@ class DeformableDecoder(nn.Module):
         self.num_layers = num_layers
 
     def forward(self, tgt, reference, memory, spatial_shapes, level_start_index, valid_ratios, query_pos,
-                memory_padding_mask, bbox_embed: Optional[nn.ModuleList] = None, return_attention=False):
+                memory_padding_mask, bbox_embed: Optional[nn.ModuleList] = None, return_attention=False,
+                self_attn_mask=None):
         """tgt, query_pos: [B,Q,d]; reference: [B,Q,2|4] normalised to the valid area; bbox_embed: per-layer
-        box heads for iterative refinement (None: the reference stays fixed).
+        box heads for iterative refinement (None: the reference stays fixed); self_attn_mask: bool [Q,Q] or
+        None (see :class:`DeformableDecoderLayer`).
 
         Returns hs [L,B,Q,d], references after each layer [L,B,Q,2|4] (detached), attention list (or [])."""
         hs, refs, attention = [], [], []
@@ -136,7 +140,7 @@ class DeformableDecoder(nn.Module):
             else:
                 ref_in = reference[:, :, None] * valid_ratios[:, None]
             tgt, attn = layer(tgt, query_pos, ref_in, memory, spatial_shapes, level_start_index,
-                              memory_padding_mask, return_attention)
+                              memory_padding_mask, return_attention, self_attn_mask)
             if bbox_embed is not None:
                 # Each layer refines the previous box; gradients do not flow through the reference.
                 reference = refine_boxes(bbox_embed[k](tgt), reference).detach()
@@ -222,10 +226,12 @@ class DeformableTransformer(nn.Module):
         return memory.masked_fill(invalid, 0.0), props
 
     def forward(self, srcs, masks, pos_embeds, query_embed=None, *, bbox_embed=None, enc_class_embed=None,
-                enc_bbox_embed=None, return_attention=False) -> dict:
+                enc_bbox_embed=None, return_attention=False, num_extra_proposals=0, self_attn_mask=None) -> dict:
         """srcs, pos_embeds: per level [B,d,H_l,W_l]; masks: per level bool [B,H_l,W_l]; query_embed: [Q,2d]
         (query_pos | tgt; single-stage); bbox_embed: per-decoder-layer box heads for refinement or None;
-        enc_class_embed / enc_bbox_embed: heads scoring encoder tokens (two-stage).
+        enc_class_embed / enc_bbox_embed: heads scoring encoder tokens (two-stage); num_extra_proposals
+        (two-stage): a second query group from the top that many proposals, appended after the
+        ``two_stage_num_proposals`` main ones (hybrid matching); self_attn_mask: bool [Q,Q] for the decoder.
 
         Returns a dict: hs [L,B,Q,d]; init_reference [B,Q,2] (two-stage: [B,Q,4]); references
         [L,B,Q,2|4] after each decoder layer; memory [B,S,d]; shapes list of (H_l, W_l); padding_mask
@@ -248,13 +254,18 @@ class DeformableTransformer(nn.Module):
             if enc_class_embed is None or enc_bbox_embed is None:
                 raise ValueError("two-stage needs enc_class_embed and enc_bbox_embed")
             q = self.two_stage_num_proposals
-            if S < q:
-                raise ValueError(f"two-stage: {S} encoder tokens are fewer than the {q} queries; use larger images")
+            if S < max(q, num_extra_proposals):
+                raise ValueError(f"two-stage: {S} encoder tokens are fewer than the {max(q, num_extra_proposals)} "
+                                 f"queries; use larger images")
             enc_mem, props = self._encoder_proposals(memory, padding_mask, shapes)
             enc_mem = self.enc_output_norm(self.enc_output(enc_mem))
             enc_logits = enc_class_embed(enc_mem)
             enc_coord = enc_bbox_embed(enc_mem) + props
-            top = torch.topk(enc_logits[..., 0], q, dim=1).indices
+            top = torch.topk(enc_logits[..., 0], max(q, num_extra_proposals), dim=1).indices
+            if num_extra_proposals:  # the extra group takes the best proposals too, independently of the main one
+                top = torch.cat([top[:, :q], top[:, :num_extra_proposals]], 1)
+            else:
+                top = top[:, :q]
             coords = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference = coords.sigmoid()
             query_pos, tgt = self.pos_trans_norm(self.pos_trans(self._proposal_pos_embed(coords))).split(d, -1)
@@ -267,7 +278,7 @@ class DeformableTransformer(nn.Module):
             tgt = tgt[None].expand(B, -1, -1)
             reference = upcast(self.reference_points(query_pos)).sigmoid()
         hs, refs, attention = self.decoder(tgt, reference, memory, spatial_shapes, level_start_index, valid_ratios,
-                                           query_pos, padding_mask, bbox_embed, return_attention)
+                                           query_pos, padding_mask, bbox_embed, return_attention, self_attn_mask)
         out.update(hs=hs, init_reference=reference, references=refs, memory=memory, shapes=shapes,
                    padding_mask=padding_mask, valid_ratios=valid_ratios)
         if return_attention:

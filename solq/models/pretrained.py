@@ -1,0 +1,40 @@
+"""Weights shipped inside the package, reachable by name (as hub names are elsewhere; nothing is downloaded).
+
+``path(name)`` returns the file of a shipped name, or ``name`` itself when it is an existing file, so every
+option that takes weights accepts either. Every file is a plain dict of tensors and metadata, loadable with
+``torch.load(weights_only=True)``.
+
+| name | what | made by |
+|---|---|---|
+| ``synthetic-small`` | the ``small`` backbone pretrained on synthetic-scene segmentation | ``solq pretrain-backbone`` |
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["SHIPPED", "path", "names"]
+
+_DIR = Path(__file__).resolve().parent / "weights"
+SHIPPED = {
+    "synthetic-small": "backbone_small_synthetic.pt",
+}
+
+
+def names() -> list[str]:
+    """The shipped names whose files are present."""
+    return [n for n, f in SHIPPED.items() if (_DIR / f).is_file()]
+
+
+def path(name: str | Path) -> Path:
+    """The file of a shipped ``name``, or ``name`` itself when it is an existing file.
+
+    Raises FileNotFoundError naming the shipped names when it is neither."""
+    if str(name) in SHIPPED:
+        f = _DIR / SHIPPED[str(name)]
+        if not f.is_file():
+            raise FileNotFoundError(f"shipped weights {name!r} should be at {f}, which is missing (a broken install?)")
+        return f
+    p = Path(name)
+    if p.is_file():
+        return p
+    raise FileNotFoundError(f"{name!r} is neither a file nor a shipped name ({sorted(SHIPPED)})")
