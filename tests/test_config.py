@@ -17,7 +17,10 @@ def test_preset_sizes_follow_the_reference():
     assert load_config("release-r50").model.hidden_dim == 384
     paper = load_config("paper-r50").model
     assert (paper.hidden_dim, paper.dim_feedforward, paper.num_queries) == (256, 1024, 300)
-    assert load_config("smoke").model.backbone == "resnet18"
+    assert (paper.backbone_norm, paper.freeze_stages, paper.two_stage) == ("frozen", 2, False)  # the release
+    smoke = load_config("smoke")  # from scratch: a trainable norm, nothing frozen, the backbone at the full lr
+    assert (smoke.model.backbone, smoke.model.backbone_norm, smoke.model.freeze_stages) == ("small", "batch", 0)
+    assert smoke.train.lr_backbone == smoke.train.lr and smoke.model.backbone_weights == "synthetic-small"
 
 
 def test_overrides_are_typed():
@@ -48,7 +51,7 @@ def test_yaml_file_with_preset_and_unknown_key(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("preset: smoke\ntrain:\n  epochs: 9\n")
     cfg = load_config(good)
-    assert cfg.train.epochs == 9 and cfg.model.backbone == "resnet18"
+    assert cfg.train.epochs == 9 and cfg.model.backbone == "small"
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochz: 9\n")
     with pytest.raises(ConfigError, match="epochz"):

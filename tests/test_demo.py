@@ -13,7 +13,7 @@ pytest.importorskip("papermill")
 TINY_MODEL = ["data.train_scales=[48,64]", "data.max_size=64", "data.crop_resize_scales=[64]", "data.crop_min=40",
               "data.crop_max=64", "data.eval_size=64", "model.hidden_dim=32", "model.dim_feedforward=64",
               "model.nheads=2", "model.num_queries=8", "model.vector_hidden_dim=32", "codec.resolution=16",
-              "codec.num_coeffs=16", "runtime.num_threads=1"]
+              "codec.num_coeffs=16", "runtime.num_threads=1", "train.batch_size=2"]
 TINY_CODING = {"codecs": ["dct"], "resolutions": [64], "dims": [64], "max_images": 2}
 
 

@@ -17,6 +17,7 @@ from solq.engine.checkpoint import (FORMAT, CheckpointError, build_from_checkpoi
                                     config_for_checkpoint, epoch_checkpoint_name, find_resume_checkpoint,
                                     is_release_checkpoint, list_checkpoints, load_checkpoint, restore_rng_state,
                                     save_checkpoint)
+from tiny_overrides import RELEASE_LIKE
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -118,7 +119,7 @@ def _tiny_cfg(**extra):
     overrides = ["model.hidden_dim=32", "model.dim_feedforward=64", "model.nheads=2", "model.num_queries=6",
                  "model.vector_hidden_dim=32", "model.enc_layers=1", "model.dec_layers=2", "model.num_classes=5",
                  "codec.resolution=32", "codec.num_coeffs=24"] + [f"{k}={v}" for k, v in extra.items()]
-    return load_config("smoke", overrides)
+    return load_config("smoke", RELEASE_LIKE + overrides)  # the release layout: a ResNet, frozen BN
 
 
 def test_release_checkpoint_is_detected_and_mapped(tmp_path):

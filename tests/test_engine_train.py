@@ -14,6 +14,7 @@ import torch
 
 from solq.config import load_config
 from solq.engine.builders import EpochSampler, SeededDataset
+from tiny_overrides import RELEASE_LIKE
 
 # 64-px synthetic scenes, a width-32 two-layer model: a training step takes well under a second on one core
 TINY = ["data.synth_num_train=10", "data.max_images={n}", "data.synth_num_val=4", "data.synth_image_size=64",
@@ -24,7 +25,7 @@ TINY = ["data.synth_num_train=10", "data.max_images={n}", "data.synth_num_val=4"
 
 
 def tiny_overrides(root: Path, out: Path, num_train: int = 8, **extra) -> list[str]:
-    return ([o.format(n=num_train) for o in TINY] + [f"data.root={root}", f"runtime.output_dir={out}"]
+    return (RELEASE_LIKE + [o.format(n=num_train) for o in TINY] + [f"data.root={root}", f"runtime.output_dir={out}"]
             + [f"{k}={v}" for k, v in extra.items()])
 
 
@@ -40,7 +41,7 @@ def test_param_groups_follow_the_release_recipe():
     from solq.engine.optim import build_optimizer, build_scheduler
     from solq.models import build_model
 
-    cfg = load_config("smoke", ["model.num_classes=4", "model.hidden_dim=32", "model.nheads=2",
+    cfg = load_config("smoke", RELEASE_LIKE + ["model.num_classes=4", "model.hidden_dim=32", "model.nheads=2",
                                 "model.num_queries=5", "codec.resolution=16", "codec.num_coeffs=16"])
     model, _, _ = build_model(cfg)
     opt = build_optimizer(cfg, model)
@@ -59,7 +60,7 @@ def test_param_groups_follow_the_release_recipe():
     default = {id(p) for p in groups["default"]["params"]}
     assert all(not any(k in n for k in ("backbone.0", "sampling_offsets", "reference_points"))
                for n, p in model.named_parameters() if id(p) in default)
-    sched = build_scheduler(load_config("smoke", ["train.lr_drop=2"]), opt)
+    sched = build_scheduler(load_config("smoke", RELEASE_LIKE + ["train.lr_drop=2"]), opt)
     for _ in range(2):
         opt.step(), sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-5)

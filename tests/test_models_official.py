@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from solq.config import load_config
+from tiny_overrides import RELEASE_LIKE
 from solq.models import build_detector
 from solq.models.official import OfficialCheckpointError, load_official_checkpoint, to_official_state_dict
 
@@ -78,7 +79,7 @@ def test_round_trip_variants(variant, tmp_path):
     over = {"backbone": "resnet18", "hidden_dim": 32, "dim_feedforward": 48, "nheads": 4, "enc_layers": 1,
             "dec_layers": 2, "num_queries": 7, "num_classes": 4, "vector_hidden_dim": 40, "dropout": 0.0}
     over.update(variant)
-    cfg = load_config("smoke", [f"model.{k}={v}" for k, v in over.items()])
+    cfg = load_config("smoke", RELEASE_LIKE + [f"model.{k}={v}" for k, v in over.items()])
     torch.manual_seed(0)
     m = build_detector(cfg).eval()
     with torch.no_grad():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from solq.config import ConfigError, TrainConfig, load_config
+from tiny_overrides import RELEASE_LIKE
 from solq.models import build_detector, build_model
 from solq.models.position_encoding import PositionEmbeddingSine
 from solq.models.transformer import DeformableEncoder, valid_ratio
@@ -16,7 +17,7 @@ def _tiny(**model):
             "dec_layers": 2, "num_queries": 10, "num_feature_levels": 4, "enc_n_points": 2, "dec_n_points": 2,
             "vector_hidden_dim": 48, "dropout": 0.0, "num_classes": 5}
     base.update(model)
-    cfg = load_config("smoke", [f"model.{k}={v}" for k, v in base.items()] + ["codec.num_coeffs=20"])
+    cfg = load_config("smoke", RELEASE_LIKE + [f"model.{k}={v}" for k, v in base.items()] + ["codec.num_coeffs=20"])
     torch.manual_seed(0)
     return cfg, build_detector(cfg)
 

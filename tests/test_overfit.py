@@ -24,6 +24,7 @@ from solq.data.synthetic import generate
 from solq.engine.optim import build_optimizer, build_scheduler
 from solq.evaluation import evaluate_coco
 from solq.models import build_model
+from tiny_overrides import RELEASE_LIKE
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -51,7 +52,7 @@ def _evaluate(model, postprocessor, batch, coco) -> dict:
 def test_smoke_model_memorises_a_few_scenes(tmp_path):
     paths = generate(tmp_path / "synthetic", NUM_IMAGES, 0, IMAGE_SIZE, SEED, max_objects=MAX_OBJECTS,
                      progress=False)
-    cfg = load_config("smoke", overrides=[
+    cfg = load_config("smoke", overrides=RELEASE_LIKE + [  # the release's model and recipe at the smoke size
         f"data.eval_size={IMAGE_SIZE}", f"data.max_size={IMAGE_SIZE}",
         "model.num_queries=10",  # <= 3 objects per image: 10 queries are plenty and converge faster
         "train.lr=1e-3", "train.lr_backbone=1e-4",  # higher than the recipe: a few hundred steps only

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from solq.config import load_config
 from tiny_overrides import TINY  # 64-px scenes, width 32: the smoke model trains in seconds on one core
 
 papermill = pytest.importorskip("papermill")
@@ -82,7 +84,8 @@ def test_explorer_notebook(workdir, attention_run):
     metrics = json.loads((out / "metrics.json").read_text())
     counts = [metrics[f"detections_at_threshold/{t}"] for t in ("0", "0.05", "0.5", "1")]
     assert counts == sorted(counts, reverse=True) and counts[0] > 0
-    assert metrics["attention_points"] == 2 * 2 * 2  # heads x levels x points of the chosen query (smoke model)
+    m = load_config("smoke", TINY).model  # heads x levels x points of the chosen query
+    assert metrics["attention_points"] == m.nheads * m.num_feature_levels * m.dec_n_points == 2 * 3 * 2
     assert metrics["ground_truth_shown"] > 0 and metrics["num_images"] == 3
     assert (out / "explorer_view.png").is_file()
     widgets = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs

@@ -302,7 +302,7 @@ def test_write_metrics_flat_with_config_and_version(tmp_path):
     m = json.loads(path.read_text())
     assert m["segm/AP"] == pytest.approx(0.25) and m["segm/AP50"] is None and m["bbox/AP"] == 0.5
     assert m["vector_loss_coef"] == 3 and m["codecs"] == ["dct"]
-    assert m["config"]["model"]["backbone"] == "resnet18" and m["code_version"].startswith("0.")
+    assert m["config"]["model"]["backbone"] == cfg.model.backbone and m["code_version"].startswith("0.")
     assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
     with pytest.raises(ValueError, match="metric 'bad/obj'"):
         flatten_metrics({"bad": {"obj": object()}})

@@ -62,7 +62,7 @@ def training_schema() -> dict:
         "scale": ("smoke", "paper"),
         "seed": Param(int, min=0),
         "preset": Param(str, nonempty=True, help=f"a preset {sorted(PRESETS)} or a config YAML file"),
-        "backbone": Param(str, choices=("", "resnet18", "resnet34", "resnet50", "resnet101"),
+        "backbone": Param(str, choices=("", "small", "resnet18", "resnet34", "resnet50", "resnet101"),
                           help="empty keeps the preset's"),
         "dataset": ("synthetic", "coco"),
         "data_root": Param(str, nonempty=True),
