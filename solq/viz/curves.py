@@ -209,7 +209,7 @@ def plot_ap_curves(runs: Mapping[str, Any], *, metrics: Sequence[str] = ("bbox/A
     """
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.8))
     styles = ["-", "--", ":", "-."]
     for r, (label, log) in enumerate(runs.items()):
         evals = read_log(log).get("eval", [])
@@ -229,7 +229,7 @@ def plot_ap_curves(runs: Mapping[str, Any], *, metrics: Sequence[str] = ("bbox/A
     for ax in axes:
         ax.set_ylabel("AP (%)")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)  # beside, not on, the curves
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
