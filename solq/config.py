@@ -107,6 +107,11 @@ class ModelConfig:
     # hybrid matching (H-DETR): an extra group of queries, matched one-to-many in training (loss.one2many_k),
     # masked from the main group in the decoder's self-attention and dropped at inference; 0 = off
     num_queries_one2many: int = 0
+    # denoising queries (DN-DETR; two-stage only): groups of noised ground-truth boxes and labels as extra decoder
+    # queries in training, reconstructing label, box and mask vector; 0 = off
+    dn_groups: int = 0
+    dn_box_noise: float = 0.4
+    dn_label_noise: float = 0.2
     enc_n_points: int = 4
     dec_n_points: int = 4
     num_feature_levels: int = 4
@@ -364,6 +369,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.freeze_stages must be in 0..5 (stem, layer1..4), got {m.freeze_stages}")
     if m.num_queries_one2many < 0 or cfg.loss.one2many_k < 1 or cfg.loss.enc_one2many_k < 1:
         raise ConfigError("model.num_queries_one2many must be >= 0, loss.one2many_k and loss.enc_one2many_k >= 1")
+    if m.dn_groups < 0 or (m.dn_groups and not m.two_stage):
+        raise ConfigError("model.dn_groups must be >= 0, and denoising queries need model.two_stage=true")
     if m.backbone == "small" and (m.pretrained_backbone or m.dilation or m.backbone_norm == "frozen"):
         raise ConfigError("model.backbone=small trains from scratch: no pretrained_backbone, no dilation, and "
                           "model.backbone_norm must be batch or group")

@@ -151,9 +151,9 @@ def test_encoder_one_to_many_assignment():
     assert all(len(q) == 3 * len(t["labels"]) for (q, _), t in zip(idx, targets))
 
 
-def test_hybrid_training_step_gives_every_parameter_a_gradient():
+def test_hybrid_and_denoising_training_step_gives_every_parameter_a_gradient():
     torch.manual_seed(0)
-    cfg = _cfg(two_stage=True)
+    cfg = _cfg(two_stage=True, dn_groups=2)
     model, criterion, _ = build_model(cfg)
     model.train()
     x, m = _images(S=96)
@@ -167,8 +167,8 @@ def test_hybrid_training_step_gives_every_parameter_a_gradient():
         boxes = torch.cat([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1) / 96
         targets.append({"labels": torch.randint(0, 4, (2,), generator=gen), "boxes": boxes, "boxes_xyxy": xyxy,
                         "masks": masks, "image_id": torch.tensor(i)})
-    losses = criterion(model(x, m), targets)
-    assert "loss_vector_one2many" in losses and "loss_vector_0_one2many" in losses
+    losses = criterion(model(x, m, targets=targets), targets)
+    assert "loss_vector_one2many" in losses and "loss_vector_0_one2many" in losses and "loss_vector_dn" in losses
     sum(v * criterion.weight_dict[k] for k, v in losses.items() if k in criterion.weight_dict).backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
@@ -195,3 +195,57 @@ def test_quality_focal_loss_against_a_direct_computation():
     s = x.sigmoid()
     ref = -(want * s.log() + (1 - want) * (1 - s).log()) * (want - s).abs() ** 2
     assert loss.item() == pytest.approx(ref.sum().item() / 4, rel=1e-5)  # 4 boxes in the batch
+
+
+def _dn_targets(gen, sizes=(3, 1)):
+    return [{**t, "boxes_xyxy": torch.zeros(len(t["labels"]), 4)} for t in _targets(gen, sizes)]
+
+
+def test_denoising_queries_shapes_and_no_leak_into_the_main_group():
+    """Denoising queries come back under dn_outputs (groups x n_max); the main queries' outputs are those of the
+    same network run without them, and changing the ground truth (hence the dn queries) changes none of them."""
+    torch.manual_seed(0)
+    model = build_detector(_cfg(two_stage=True, num_queries_one2many=0, dn_groups=3)).train()
+    x, m = _images()
+    gen = torch.Generator().manual_seed(5)
+    targets = _dn_targets(gen)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        out = model(x, m, targets=targets)
+        dn = out["dn_outputs"]
+        assert dn["pred_logits"].shape == (2, 3 * 3, 4) and dn["pred_vectors"].shape == (2, 9, 20)
+        assert dn["dn_pad"] == 3 and len(dn["aux_outputs"]) == 1 and out["pred_logits"].shape == (2, 6, 4)
+        alone = model(x, m)  # no targets: no denoising queries
+        other = model(x, m, targets=_dn_targets(torch.Generator().manual_seed(6)))
+    assert "dn_outputs" not in alone
+    for key in ("pred_logits", "pred_boxes", "pred_vectors"):
+        torch.testing.assert_close(out[key], alone[key], rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[key], other[key], rtol=0, atol=1e-6)
+    assert not torch.allclose(other["dn_outputs"]["pred_boxes"], dn["pred_boxes"])
+    model.eval()
+    with torch.no_grad():
+        assert "dn_outputs" not in model(x, m, targets=targets)  # dropped at inference
+
+
+def test_denoising_loss_uses_the_fixed_matching():
+    gen = torch.Generator().manual_seed(7)
+    targets = _targets(gen)  # 3 and 1 objects: n_max = 3
+    G, n_max = 2, 3
+    dn = _layer(gen, 2, G * n_max)
+    outputs = {**_layer(gen, 2, 5), "dn_outputs": {**dn, "dn_pad": n_max}}
+    crit = SetCriterion(4, HungarianMatcher(), losses=("labels", "boxes"), num_dec_layers=1, denoising=True)
+    losses = crit(outputs, targets)
+    assert crit.weight_dict["loss_bbox_dn"] == crit.weight_dict["loss_bbox"]
+    l1 = 0.0
+    for b, t in enumerate(targets):
+        for g in range(G):
+            for j in range(len(t["labels"])):
+                l1 += (dn["pred_boxes"][b, g * n_max + j] - t["boxes"][j]).abs().sum().item()
+    assert losses["loss_bbox_dn"].item() == pytest.approx(l1 / (G * 4), rel=1e-5)  # 4 objects, 2 copies each
+
+
+def test_denoising_needs_two_stage():
+    from solq.config import ConfigError
+
+    with pytest.raises(ConfigError, match="two_stage"):
+        _cfg(two_stage=False, dn_groups=2)

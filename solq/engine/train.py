@@ -122,7 +122,7 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
             sync = model.no_sync() if ddp and j < group - 1 else contextlib.nullcontext()
             with sync:
                 with autocast(device, amp):
-                    outputs = model(batch.images, batch.mask)
+                    outputs = model(batch.images, batch.mask, targets=batch.targets)  # targets: denoising queries
                 loss_dict = criterion(to_float32(outputs), batch.targets)
                 loss, terms = weighted_total(loss_dict, criterion.weight_dict)
                 logged = {"loss": loss, **{k: loss_dict[k] for k in loss_dict if k not in terms}, **terms}
@@ -175,7 +175,7 @@ def _unused_parameters(model, criterion, dataset, device, seed: int, rank: int) 
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         model.train()
-        loss, _ = weighted_total(criterion(to_float32(model(batch.images, batch.mask)), batch.targets),
+        loss, _ = weighted_total(criterion(to_float32(model(batch.images, batch.mask, targets=batch.targets)), batch.targets),
                                  criterion.weight_dict)
         loss.backward()
     names = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]

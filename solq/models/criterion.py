@@ -167,6 +167,7 @@ class SetCriterion(nn.Module):
         one2many_k, one2many_weight: repeats of each object for that group, and its losses' weight.
         enc_one2many_k: proposals matched to each object in the two-stage encoder loss (1 = one-to-one).
         cls_loss: "focal" (the release) or "quality_focal" (IoU-valued targets; see :meth:`loss_labels`).
+        denoising: the model has denoising queries (adds the ``_dn`` weights: the main ones, unscaled).
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, codec=None,
@@ -174,7 +175,7 @@ class SetCriterion(nn.Module):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, vector_loss_coef: float = 3.0,
                  vector_loss_norm: str = "mean", vector_loss_stages: int = 0, num_dec_layers: int = 6,
                  one2many: bool = False, one2many_k: int = 6, one2many_weight: float = 1.0,
-                 enc_one2many_k: int = 1, cls_loss: str = "focal"):
+                 enc_one2many_k: int = 1, cls_loss: str = "focal", denoising: bool = False):
         super().__init__()
         unknown = set(losses) - set(LOSS_KEYS)
         if unknown:
@@ -204,6 +205,7 @@ class SetCriterion(nn.Module):
         if cls_loss not in ("focal", "quality_focal"):
             raise ValueError(f"SetCriterion: cls_loss {cls_loss!r} is not 'focal' or 'quality_focal'")
         self.cls_loss = cls_loss
+        self.denoising = denoising
         self.weight_dict = self._expand_weights({**_DEFAULT_WEIGHTS, **(weight_dict or {})})
 
     # ---- which loss runs where -------------------------------------------------------------------
@@ -231,6 +233,8 @@ class SetCriterion(nn.Module):
                     if self.one2many and layer is not None and name != "masks":
                         weights[key + suffix + "_one2many"] = float(
                             base.get(key + suffix + "_one2many", base[key] * self.one2many_weight))
+                    if self.denoising and layer is not None and name != "masks":
+                        weights[key + suffix + "_dn"] = float(base.get(key + suffix + "_dn", base[key]))
         return weights
 
     # ---- individual losses -----------------------------------------------------------------------
@@ -369,6 +373,19 @@ class SetCriterion(nn.Module):
             rep = gt.repeated(self.one2many_k)
             losses.update(self._decoder_losses(outputs["one2many_outputs"], rep.targets, rep,
                                                self.num_boxes(rep.targets, device), "_one2many"))
+        if "dn_outputs" in outputs:
+            dn = outputs["dn_outputs"]
+            n_max = int(dn["dn_pad"])
+            groups = dn["pred_logits"].shape[1] // n_max
+            rep = gt.repeated(groups)
+            # fixed matching: copy j of image b in group g (query g*n_max + j) reconstructs object j
+            indices = []
+            for t in targets:
+                n = len(t["labels"])
+                q = (torch.arange(groups)[:, None] * n_max + torch.arange(n)[None]).flatten()
+                indices.append((q, torch.arange(groups * n)))
+            losses.update(self._decoder_losses(dn, rep.targets, rep, self.num_boxes(rep.targets, device), "_dn",
+                                               indices=indices))
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
             enc_gt = gt.repeated(self.enc_one2many_k) if self.enc_one2many_k > 1 else gt
@@ -382,19 +399,20 @@ class SetCriterion(nn.Module):
         return losses
 
     def _decoder_losses(self, outputs: dict, targets: list[dict], gt: _GroundTruth, num_boxes: float,
-                        group: str) -> dict:
+                        group: str, indices=None) -> dict:
         """Every decoder layer's loss terms of one query group (``group`` "" for the main one, whose last
-        layer also logs ``class_error``; "_one2many" for the hybrid group, which has no mask loss)."""
+        layer also logs ``class_error``; "_one2many" for the hybrid group and "_dn" for the denoising queries,
+        which have no mask loss). ``indices``: a fixed matching for every layer instead of the matcher's."""
         losses = {}
         aux = outputs.get("aux_outputs", [])
         layers = [(outputs, self.num_dec_layers - 1, "")] + [(a, i, f"_{i}") for i, a in enumerate(aux)]
         for out, layer, suffix in layers:
-            indices = self.matcher(out, targets)
+            matched = indices if indices is not None else self.matcher(out, targets)
             for name in self._layer_losses(layer):
                 if group and name == "masks":
                     continue
                 kwargs = {"log": True} if name == "labels" and suffix == "" and not group else {}
-                terms = getattr(self, f"loss_{name}")(out, targets, indices, num_boxes, gt, **kwargs)
+                terms = getattr(self, f"loss_{name}")(out, targets, matched, num_boxes, gt, **kwargs)
                 losses.update({k if k == "class_error" else k + suffix + group: v for k, v in terms.items()})
         return losses
 
@@ -416,4 +434,5 @@ def build_criterion(cfg, codec, num_classes: int) -> SetCriterion:
                         vector_loss_coef=L.vector_loss_coef, vector_loss_norm=L.vector_loss_norm,
                         vector_loss_stages=L.vector_loss_stages, num_dec_layers=cfg.model.dec_layers,
                         one2many=cfg.model.num_queries_one2many > 0, one2many_k=L.one2many_k,
-                        one2many_weight=L.one2many_weight, enc_one2many_k=L.enc_one2many_k, cls_loss=L.cls_loss)
+                        one2many_weight=L.one2many_weight, enc_one2many_k=L.enc_one2many_k, cls_loss=L.cls_loss,
+                        denoising=cfg.model.dn_groups > 0)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .backbone import Joiner, resize_mask
-from .heads import MLP, class_prior_bias, refine_boxes
+from .heads import MLP, class_prior_bias, inverse_sigmoid, refine_boxes
 from .transformer import DeformableTransformer
 
 __all__ = ["SOLQ"]
@@ -37,6 +37,12 @@ class SOLQ(nn.Module):
             run only in training, after the Q main queries, with the decoder's self-attention masked between
             the two groups (the main group's outputs do not depend on the extra one); its outputs come back
             under ``one2many_outputs`` for a one-to-many loss. 0 = off.
+        dn_groups: denoising queries (DN-DETR, Li et al., CVPR 2022; two-stage only): in training, with the
+            targets given to forward, this many groups of noised copies of every ground-truth box (centre moved and
+            size scaled by up to ``dn_box_noise`` of its size) and label (replaced by a random class with
+            probability ``dn_label_noise``) become extra decoder queries (reference = the noised box, content = a
+            label embedding), behind the self-attention mask (each group sees only itself; no other query sees
+            them); their outputs come back under ``dn_outputs`` to reconstruct label, box and mask vector. 0 = off.
 
     Head layout as the release: ``class_embed`` and ``bbox_embed`` are ModuleLists with one entry per
     decoder layer (+1 for two-stage encoder scoring); without box refinement all entries are the same
@@ -46,7 +52,8 @@ class SOLQ(nn.Module):
     def __init__(self, backbone: Joiner, transformer: DeformableTransformer, *, num_classes: int,
                  num_queries: int = 300, num_feature_levels: int = 4, mode: str = "uqr",
                  vector_dim: Optional[int] = 256, vector_hidden_dim: int = 1024, aux_loss: bool = True,
-                 with_box_refine: bool = True, two_stage: bool = False, num_queries_one2many: int = 0):
+                 with_box_refine: bool = True, two_stage: bool = False, num_queries_one2many: int = 0,
+                 dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2):
         super().__init__()
         if mode not in ("uqr", "det"):
             raise ValueError(f"SOLQ mode must be 'uqr' or 'det', got {mode!r} (sqr wraps a 'det' detector)")
@@ -57,6 +64,9 @@ class SOLQ(nn.Module):
         d = transformer.d_model
         self.mode, self.num_classes, self.num_queries = mode, num_classes, num_queries
         self.num_queries_one2many = num_queries_one2many
+        if dn_groups and not two_stage:
+            raise ValueError("denoising queries (dn_groups > 0) need two_stage=True (4-d box references)")
+        self.dn_groups, self.dn_box_noise, self.dn_label_noise = dn_groups, dn_box_noise, dn_label_noise
         self.num_feature_levels, self.aux_loss = num_feature_levels, aux_loss
         self.with_box_refine, self.two_stage = with_box_refine, two_stage
         self.hidden_dim = d
@@ -96,6 +106,8 @@ class SOLQ(nn.Module):
                 for m in self.bbox_embed:
                     m.layers[-1].bias[2:] = 0.0
 
+        self.label_enc = nn.Embedding(num_classes, d) if dn_groups else None
+
         if mode == "uqr":
             self.vector_embed = MLP(d, vector_hidden_dim, vector_dim, 3)
             with torch.no_grad():  # every query starts at [0, 0, -2, ..., -2] as in the release
@@ -121,9 +133,34 @@ class SOLQ(nn.Module):
             pos.append(self.backbone.position(m).to(src.dtype))
         return features, srcs, masks, pos
 
+    def _denoising_queries(self, targets: list[dict]):
+        """Noised ground truth as decoder queries: (query_pos [B,E,d], tgt [B,E,d], reference [B,E,4], n_max) with
+        E = dn_groups x n_max (image b's copies at g*n_max + j, j < n_b; the rest pad), or None without objects."""
+        n = [len(t["labels"]) for t in targets]
+        n_max, G = max(n, default=0), self.dn_groups
+        if n_max == 0:
+            return None
+        device = self.query_embed.weight.device if hasattr(self, "query_embed") else self.label_enc.weight.device
+        boxes = torch.zeros(len(targets), n_max, 4, device=device)
+        boxes[..., 2:] = 0.05  # pads: small boxes, never looked at by the loss
+        labels = torch.zeros(len(targets), n_max, dtype=torch.int64, device=device)
+        for b, t in enumerate(targets):
+            boxes[b, :n[b]] = t["boxes"].to(device).float()
+            labels[b, :n[b]] = t["labels"].to(device)
+        boxes, labels = boxes.repeat(1, G, 1), labels.repeat(1, G)
+        wh = boxes[..., 2:]
+        jitter = (torch.rand_like(boxes) * 2 - 1) * self.dn_box_noise
+        noised = torch.cat([boxes[..., :2] + jitter[..., :2] * wh / 2, wh * (1 + jitter[..., 2:])], -1)
+        noised = noised.clamp(1e-3, 1 - 1e-3)
+        flip = torch.rand(labels.shape, device=device) < self.dn_label_noise
+        labels = torch.where(flip, torch.randint_like(labels, self.num_classes), labels)
+        query_pos = self.transformer.box_query_pos(inverse_sigmoid(noised))
+        return query_pos, self.label_enc(labels), noised, n_max
+
     def forward(self, images: torch.Tensor, mask: torch.Tensor, *, return_intermediates: bool = False,
-                return_attention: bool = False) -> dict:
-        """images: float [B,3,H,W] (zero-padded batch); mask: bool [B,H,W], True on padding.
+                return_attention: bool = False, targets: Optional[list] = None) -> dict:
+        """images: float [B,3,H,W] (zero-padded batch); mask: bool [B,H,W], True on padding; targets: the batch's
+        targets (``labels``, ``boxes``), used only for denoising queries in training.
 
         Returns a dict (L = decoder layers, C = num_classes, n_k = vector_dim):
           - ``pred_logits`` [B,Q,C]: raw class logits (sigmoid scores);
@@ -131,6 +168,9 @@ class SOLQ(nn.Module):
           - ``pred_vectors`` [B,Q,n_k]: raw mask-code vectors (mode uqr only);
           - ``aux_outputs`` (if aux_loss): list of L-1 dicts with the keys above for layers 0..L-2;
           - ``enc_outputs`` (two-stage): {``pred_logits`` [B,S,C], ``pred_boxes`` [B,S,4]} per encoder token;
+          - ``dn_outputs`` (training with ``dn_groups`` > 0 and targets): the denoising queries' ``pred_logits``
+            [B,E,C], ``pred_boxes``, ``pred_vectors``, ``aux_outputs`` and ``dn_pad`` (n_max: copy j of image b in
+            group g is query g*n_max + j);
           - ``one2many_outputs`` (training with ``num_queries_one2many`` > 0): the extra group's
             ``pred_logits`` [B,Q2,C], ``pred_boxes``, ``pred_vectors`` and ``aux_outputs``; the other keys
             then describe the Q main queries only (``hs``, ``dec_attention``, references included);
@@ -145,9 +185,12 @@ class SOLQ(nn.Module):
         features, srcs, masks, pos = self._levels(images, mask)
         refine = self.with_box_refine
         Q, Q2 = self.num_queries, (self.num_queries_one2many if self.training else 0)
+        dn = self._denoising_queries(targets) if self.training and self.dn_groups and targets is not None else None
         attn_mask = None
-        if Q2:  # True = blocked: neither group sees the other
-            group = torch.arange(Q + Q2, device=images.device) >= Q
+        if Q2 or dn is not None:  # True = blocked: a query sees only its own group (main, hybrid, each dn group)
+            group = (torch.arange(Q + Q2, device=images.device) >= Q).long()
+            if dn is not None:
+                group = torch.cat([group, 2 + torch.arange(self.dn_groups, device=images.device).repeat_interleave(dn[3])])
             attn_mask = group[:, None] != group[None, :]
         t = self.transformer(
             srcs, masks, pos, None if self.two_stage else self.query_embed.weight[:Q + Q2],
@@ -155,7 +198,7 @@ class SOLQ(nn.Module):
             enc_class_embed=self.class_embed[-1] if self.two_stage else None,
             enc_bbox_embed=self.bbox_embed[-1] if self.two_stage else None,
             return_attention=return_attention, num_extra_proposals=Q2 if self.two_stage else 0,
-            self_attn_mask=attn_mask)
+            self_attn_mask=attn_mask, extra_queries=dn[:3] if dn is not None else None)
         hs, refs = t["hs"], t["references"]
         num_layers = hs.shape[0]
         vectors = self.vector_embed(hs) if self.vector_embed is not None else None  # one shared MLP
@@ -167,8 +210,10 @@ class SOLQ(nn.Module):
             if vectors is not None:
                 out["pred_vectors"] = vectors[lvl]
             layers.append(out)
-        if Q2:  # split the groups; everything below describes the main one
-            extra = [{k: v[:, Q:] for k, v in out.items()} for out in layers]
+        if dn is not None:
+            denoise = [{k: v[:, Q + Q2:] for k, v in out.items()} for out in layers]
+        if Q2 or dn is not None:  # split the groups; everything below describes the main one
+            extra = [{k: v[:, Q:Q + Q2] for k, v in out.items()} for out in layers]
             layers = [{k: v[:, :Q] for k, v in out.items()} for out in layers]
             hs, refs = hs[:, :, :Q], refs[:, :, :Q]
             t["init_reference"] = t["init_reference"][:, :Q]
@@ -179,6 +224,9 @@ class SOLQ(nn.Module):
             result["aux_outputs"] = layers[:-1]
         if Q2:
             result["one2many_outputs"] = {**extra[-1], **({"aux_outputs": extra[:-1]} if self.aux_loss else {})}
+        if dn is not None:
+            result["dn_outputs"] = {**denoise[-1], **({"aux_outputs": denoise[:-1]} if self.aux_loss else {}),
+                                    "dn_pad": dn[3]}
         if self.two_stage:
             result["enc_outputs"] = {"pred_logits": t["enc_logits"], "pred_boxes": t["enc_boxes"]}
         if return_intermediates:

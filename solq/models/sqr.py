@@ -161,13 +161,14 @@ class SQRModel(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, *, return_intermediates: bool = False,
-                return_attention: bool = False) -> dict:
+                return_attention: bool = False, targets=None) -> dict:
         """images [B,3,H,W], mask bool [B,H,W] (True = padding) -> the detector's outputs dict plus
         ``pred_masks`` [B,Q,h,w] mask logits (stride 16 of the padded input with C3 and the stride-64
         level) and, with return_intermediates, ``hs``/``memory``/``memory_masks``/``features`` and
         ``mask_attention`` [B,Q,M,h64,w64]."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
-            out = self.detector(images, mask, return_intermediates=True, return_attention=return_attention)
+            extra = {"targets": targets} if targets is not None else {}  # denoising queries, when the detector has them
+            out = self.detector(images, mask, return_intermediates=True, return_attention=return_attention, **extra)
         attention = self.attention(out["hs"][-1], out["memory"][-1], out["memory_masks"][-1])
         feats = [f for f, _ in out["features"]][-len(self.seg_input_proj):][::-1]  # C5, C4, C3
         fpn = [proj(f) for proj, f in zip(self.seg_input_proj, feats)]

@@ -225,13 +225,20 @@ class DeformableTransformer(nn.Module):
         props = props.masked_fill(invalid, float("inf"))
         return memory.masked_fill(invalid, 0.0), props
 
+    def box_query_pos(self, coords: torch.Tensor) -> torch.Tensor:
+        """Two-stage query positions of boxes given as logits [B,Q,4] -> [B,Q,d] (the first half of pos_trans)."""
+        return self.pos_trans_norm(self.pos_trans(self._proposal_pos_embed(coords)))[..., :self.d_model]
+
     def forward(self, srcs, masks, pos_embeds, query_embed=None, *, bbox_embed=None, enc_class_embed=None,
-                enc_bbox_embed=None, return_attention=False, num_extra_proposals=0, self_attn_mask=None) -> dict:
+                enc_bbox_embed=None, return_attention=False, num_extra_proposals=0, self_attn_mask=None,
+                extra_queries=None) -> dict:
         """srcs, pos_embeds: per level [B,d,H_l,W_l]; masks: per level bool [B,H_l,W_l]; query_embed: [Q,2d]
         (query_pos | tgt; single-stage); bbox_embed: per-decoder-layer box heads for refinement or None;
         enc_class_embed / enc_bbox_embed: heads scoring encoder tokens (two-stage); num_extra_proposals
         (two-stage): a second query group from the top that many proposals, appended after the
-        ``two_stage_num_proposals`` main ones (hybrid matching); self_attn_mask: bool [Q,Q] for the decoder.
+        ``two_stage_num_proposals`` main ones (hybrid matching); self_attn_mask: bool [Q,Q] for the decoder;
+        extra_queries (two-stage): (query_pos [B,E,d], tgt [B,E,d], reference boxes [B,E,4]) appended after all
+        the others (denoising queries).
 
         Returns a dict: hs [L,B,Q,d]; init_reference [B,Q,2] (two-stage: [B,Q,4]); references
         [L,B,Q,2|4] after each decoder layer; memory [B,S,d]; shapes list of (H_l, W_l); padding_mask
@@ -269,6 +276,9 @@ class DeformableTransformer(nn.Module):
             coords = torch.gather(enc_coord, 1, top[..., None].expand(-1, -1, 4)).detach()
             reference = coords.sigmoid()
             query_pos, tgt = self.pos_trans_norm(self.pos_trans(self._proposal_pos_embed(coords))).split(d, -1)
+            if extra_queries is not None:
+                query_pos, tgt, reference = (torch.cat([a, b.to(a.dtype)], 1) for a, b in
+                                             zip((query_pos, tgt, reference), extra_queries))
             out.update(enc_logits=enc_logits, enc_boxes=enc_coord.sigmoid())
         else:
             if query_embed is None:
