@@ -15,7 +15,7 @@ made with its defaults (see the README for the command and its measured accuracy
 """
 from __future__ import annotations
 
-import math
+import functools
 import time
 from pathlib import Path
 from typing import Optional
@@ -29,6 +29,7 @@ from solq.config import load_config
 from solq.data import collate
 from solq.engine.builders import EpochSampler, SeededDataset, build_dataset
 from solq.engine.logger import progress
+from solq.engine.optim import lr_factor
 from solq.engine.train import seed_everything
 from solq.models.backbone import Backbone
 
@@ -117,24 +118,20 @@ def segmentation_scores(backbone: Backbone, head: SegmentationHead, loader, num_
     """Pixel accuracy and mean IoU over classes (background included) on ``loader``; fractions in [0,1]."""
     backbone.eval()
     head.eval()
-    inter = torch.zeros(num_classes, dtype=torch.float64)
-    union = torch.zeros(num_classes, dtype=torch.float64)
-    correct = total = 0
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.float64)  # [target * K + prediction]
     for batch in loader:
         batch = batch.to(device)
         feats = [f for f, _ in backbone(batch.images, batch.mask)]
         pred = head(feats, batch.images.shape[-2:])[0].argmax(1)
         tgt = semantic_targets(batch.targets, batch.images.shape[-2:], device)
         valid = tgt != IGNORE
-        correct += int((pred[valid] == tgt[valid]).sum())
-        total += int(valid.sum())
-        for c in range(num_classes):
-            p, t = (pred == c) & valid, (tgt == c) & valid
-            inter[c] += float((p & t).sum())
-            union[c] += float((p | t).sum())
+        confusion += torch.bincount(tgt[valid] * num_classes + pred[valid], minlength=num_classes ** 2).cpu()
+    confusion = confusion.view(num_classes, num_classes)
+    inter = confusion.diagonal()
+    union = confusion.sum(0) + confusion.sum(1) - inter
     seen = union > 0
-    return {"pixel_accuracy": correct / max(total, 1), "mean_iou": float((inter[seen] / union[seen]).mean()),
-            "num_images": len(loader.dataset)}
+    return {"pixel_accuracy": float(inter.sum() / confusion.sum().clamp(min=1)),
+            "mean_iou": float((inter[seen] / union[seen]).mean()), "num_images": len(loader.dataset)}
 
 
 def pretrain_backbone(out_file: str | Path, *, data_root: str = "data/pretrain_synthetic", num_train: int = 4000,
@@ -169,9 +166,10 @@ def pretrain_backbone(out_file: str | Path, *, data_root: str = "data/pretrain_s
     head = SegmentationHead(backbone.num_channels, num_classes, instances=instance_weight > 0)
     params = list(backbone.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) * (
-        0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(max(s - warm, 0) / max(steps - warm, 1), 1.0)))))
+    # the engine's warm-up + cosine; total_steps = steps + 1 puts the cosine's end one step after the last update,
+    # as the recipe that made the shipped file did
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(
+        lr_factor, schedule="cosine", total_steps=steps + 1, warmup_steps=max(1, steps // 20), min_lr_ratio=0.01))
     sampler = EpochSampler(len(train_ds), shuffle=True, seed=seed)
     loader = DataLoader(SeededDataset(train_ds, seed), batch_size=batch_size, sampler=sampler, drop_last=True,
                         collate_fn=collate)

@@ -140,7 +140,7 @@ class SOLQ(nn.Module):
         n_max, G = max(n, default=0), self.dn_groups
         if n_max == 0:
             return None
-        device = self.query_embed.weight.device if hasattr(self, "query_embed") else self.label_enc.weight.device
+        device = self.label_enc.weight.device
         boxes = torch.zeros(len(targets), n_max, 4, device=device)
         boxes[..., 2:] = 0.05  # pads: small boxes, never looked at by the loss
         labels = torch.zeros(len(targets), n_max, dtype=torch.int64, device=device)
