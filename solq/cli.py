@@ -54,6 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=_positive_int, default=DEMO_STEPS, metavar="N",
                    help=f"optimiser steps of each trained model, SQR and UQR (default {DEMO_STEPS}); fewer is "
                         f"quicker and learns less")
+    d.add_argument("--jobs", type=_positive_int, default=2, metavar="N",
+                   help="train the SQR and UQR models at once (2, the default, each on half the cores) or in turn (1)")
     d.set_defaults(func=_cmd_demo)
 
     def config_options(q: argparse.ArgumentParser, default: str | None, what: str) -> None:
@@ -76,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = add("eval", "Box and mask AP of a checkpoint (solq or the authors' release) on the val set.")
-    e.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth)")
+    e.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
     config_options(e, None, "default: the checkpoint's own config (its model/codec sections always win)")
     e.add_argument("--output", metavar="DIR", help="write metrics.json here")
     e.add_argument("--dump", metavar="DIR", help="write bbox_results.json and segm_results.json (COCO results "
@@ -85,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     r = add("predict", "Run a checkpoint on images; write overlays (PNG) and COCO-format predictions.")
-    r.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth)")
+    r.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
     r.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
     r.add_argument("--output", default="predictions", metavar="DIR",
                    help="folder for overlays, predictions.json and images.json (default predictions)")
@@ -169,7 +171,7 @@ def _positive_int(text: str) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from solq.workbench.demo import run_demo
 
-    report = run_demo(args.out, steps=args.steps)
+    report = run_demo(args.out, steps=args.steps, jobs=args.jobs)
     print(f"report: {report}")
     return 0
 

@@ -54,14 +54,14 @@ def test_bad_config_name_is_reported(capsys):
     assert "no-such-preset" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, steps", [([], None), (["--steps", "150"], 150)])
-def test_demo_passes_steps_to_run_demo(argv, steps, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("argv, steps, jobs", [([], None, 2), (["--steps", "150", "--jobs", "1"], 150, 1)])
+def test_demo_passes_steps_to_run_demo(argv, steps, jobs, tmp_path, monkeypatch, capsys):
     import solq.workbench.demo as demo
 
     calls = []
     monkeypatch.setattr(demo, "run_demo", lambda out, **kw: calls.append((out, kw)) or out / "report.html")
     assert main(["demo", "--out", str(tmp_path), *argv]) == 0
-    assert calls == [(tmp_path, {"steps": demo.DEMO_STEPS if steps is None else steps})]
+    assert calls == [(tmp_path, {"steps": demo.DEMO_STEPS if steps is None else steps, "jobs": jobs})]
     assert "report:" in capsys.readouterr().out
 
 

@@ -325,3 +325,56 @@ def test_set_seed_and_resolve_path(tmp_path, monkeypatch):
     assert project_root() == tmp_path
     assert resolve_path("data/synthetic") == tmp_path / "data" / "synthetic"
     assert resolve_path("/abs/x") == Path("/abs/x")
+
+
+PARALLEL_BODY = """\
+import json, os, pathlib, time
+t0 = time.time()
+time.sleep(1.5)
+out = pathlib.Path(output_dir)
+out.mkdir(parents=True, exist_ok=True)
+(out / "metrics.json").write_text(json.dumps({"start": t0, "end": time.time(),
+                                               "omp": os.environ.get("OMP_NUM_THREADS")}))
+"""
+
+
+def test_jobs_run_points_at_once_on_their_share_of_the_cores(tmp_path, monkeypatch):
+    (tmp_path / "notebooks").mkdir()
+    (tmp_path / "experiments").mkdir()
+    nb = new_notebook(cells=[new_code_cell('scale = "smoke"\noutput_dir = ""\nx = 0', metadata={"tags": ["parameters"]}),
+                             new_code_cell(PARALLEL_BODY)])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "notebooks" / "par.ipynb")
+    path = tmp_path / "experiments" / "par.yaml"
+    path.write_text(yaml.safe_dump({"title": "Par", "notebook": "notebooks/par.ipynb", "grid": {"x": [1, 2, 3]},
+                                    "scales": {"smoke": {}, "paper": {}}}))
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    res = run_experiment(path, "smoke", runs_dir=tmp_path / "runs", progress=False, jobs=2)
+    assert [(r.point, r.status) for r in res] == [("x=1", "done"), ("x=2", "done"), ("x=3", "done")]
+    m = [json.loads((r.output_dir / "metrics.json").read_text()) for r in res]
+    assert m[0]["start"] < m[1]["end"] and m[1]["start"] < m[0]["end"]  # the first two overlapped
+    assert {x["omp"] for x in m} == {str(max(1, (runner.os.cpu_count() or 1) // 2))}
+    assert runner.os.environ["OMP_NUM_THREADS"] == "7"  # restored
+    with pytest.raises(ValueError, match="jobs"):
+        run_experiment(path, "smoke", runs_dir=tmp_path / "runs", progress=False, jobs=0, force=True)
+
+
+def test_wait_for_point_states(tmp_path):
+    import threading
+    import time
+
+    from solq.workbench.runner import wait_for_point
+
+    point = tmp_path / "mode=sqr"
+    assert wait_for_point(point, timeout_s=5) == "not running"  # never started
+    point.mkdir()
+    (point / "log.txt").write_text("training")
+    assert wait_for_point(point, timeout_s=0.2, poll_s=0.05) == "timeout"  # running, fresh log
+    assert wait_for_point(point, timeout_s=5, stale_s=0.0) == "not running"  # log too old: abandoned
+    threading.Timer(0.3, lambda: (point / MARKER).write_text("{}")).start()
+    t0 = time.monotonic()
+    assert wait_for_point(point, timeout_s=10, poll_s=0.05) == "done"
+    assert time.monotonic() - t0 < 5
+    (point / MARKER).unlink()
+    (point / "failed.json").write_text("{}")
+    assert wait_for_point(point, timeout_s=5) == "failed"

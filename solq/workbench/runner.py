@@ -8,6 +8,9 @@ parameters it ran with) exist; complete points are skipped.
 
 - :func:`run_experiment` -> one :class:`PointResult` per point (done | skipped | failed | pending);
   resumes by skipping complete points, reports a failing cell with its source and the log's path.
+- ``jobs=N`` runs N points at once, each kernel with ``OMP_NUM_THREADS`` = cores / N (on a 2-core CPU two
+  one-thread trainings make about twice the steps of one two-thread training); a point that reads another
+  point's run waits for it with :func:`wait_for_point`.
 - :func:`ensure_kernel`: a Jupyter kernel that starts this interpreter.
 - :func:`add_run_arguments`, :func:`parse_overrides`, :func:`run_from_args`: the ``solq run`` command.
 """
@@ -19,17 +22,19 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import yaml
 
 from solq.workbench.experiment_file import SCALES, Experiment, Point, load_experiment
 
 __all__ = ["PointResult", "ensure_kernel", "run_experiment", "add_run_arguments", "parse_overrides", "run_from_args",
-           "MARKER"]
+           "wait_for_point", "MARKER"]
 
 MARKER = ".complete.json"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
@@ -223,16 +228,56 @@ def _check_requires(exp: Experiment, scale: str, runs_dir: Path) -> None:
                              f"--scale {scale}` first")
 
 
+def wait_for_point(folder: str | Path, *, timeout_s: float = 3600.0, stale_s: float = 1800.0,
+                   poll_s: float = 5.0) -> str:
+    """Wait until the experiment point in ``folder`` is complete, when it is running now (another job of a
+    parallel ``solq run --jobs N``). Returns "done" (its marker exists), "failed" (its failed.json exists),
+    "not running" (neither, and its log.txt is missing or unchanged for ``stale_s``: nothing to wait for) or
+    "timeout" (still running after ``timeout_s``)."""
+    folder = Path(folder)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if (folder / MARKER).is_file():
+            return "done"
+        if (folder / "failed.json").is_file():
+            return "failed"
+        log = folder / "log.txt"
+        if not log.is_file() or time.time() - log.stat().st_mtime > stale_s:
+            return "not running"
+        if time.monotonic() >= deadline:
+            return "timeout"
+        time.sleep(poll_s)
+
+
+@contextmanager
+def _threads_per_job(jobs: int) -> Iterator[None]:
+    """OMP_NUM_THREADS = cores / jobs for the kernels started inside (they inherit the environment); restored
+    afterwards. Set once, before any job starts, so no thread changes the environment under another."""
+    if jobs <= 1:
+        yield
+        return
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+
+
 def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = "experiments/runs",
                    points: Iterable[str | int] | None = None, force: bool = False, progress: bool = True,
                    keep_going: bool = True, overrides: dict | None = None, dry_run: bool = False,
-                   kernel_name: str = "python3") -> list[PointResult]:
+                   kernel_name: str = "python3", jobs: int = 1) -> list[PointResult]:
     """Execute every grid point of an experiment at ``scale`` through papermill.
 
     ``points``: names (glob patterns) or indices selecting points; ``force``: rerun complete points;
-    ``keep_going``: go on after a failing point (else stop there); ``overrides``: notebook parameters
-    replacing the YAML's (not grid parameters); ``dry_run``: report status without running.
-    Returns one PointResult per selected point that was considered (in grid order).
+    ``keep_going``: go on after a failing point (else stop there; with ``jobs`` > 1 the points already
+    started finish); ``overrides``: notebook parameters replacing the YAML's (not grid parameters);
+    ``dry_run``: report status without running; ``jobs``: points run at once (each kernel on cores / jobs
+    threads). Returns one PointResult per selected point that was considered (in grid order).
     """
     from tqdm.auto import tqdm
 
@@ -257,27 +302,47 @@ def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = 
     # the report reads the layout from this copy, so runs stay self-describing
     (scale_dir / "experiment.yaml").write_text(exp.path.read_text())
     timeout = exp.scale_spec(scale).get("timeout")
-    results: list[PointResult] = []
-    bar = tqdm(selected, desc=f"{exp.name} [{scale}]", unit="point", disable=not progress, file=sys.stderr)
-    for p in bar:
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    results: dict[str, PointResult] = {}
+    pending = []
+    for p in selected:
         out = scale_dir / p.name
         done, why = _is_complete(out, p.parameters)
         if done and not force:
-            results.append(PointResult(exp.name, scale, p.name, "skipped", out))
+            results[p.name] = PointResult(exp.name, scale, p.name, "skipped", out)
             continue
         if why == "parameters changed" and progress:
             tqdm.write(f"{p.name}: parameters changed since the completed run; running again", file=sys.stderr)
-        bar.set_postfix_str(p.name)
-        r = _run_point(exp, scale, p, out, kernel_name=kernel_name, timeout=timeout)
-        results.append(r)
+        pending.append(p)
+    bar = tqdm(total=len(selected), initial=len(results), desc=f"{exp.name} [{scale}]", unit="point",
+               disable=not progress, file=sys.stderr)
+    stop = False
+
+    def one(p: Point) -> PointResult:
+        nonlocal stop
+        if stop:  # an earlier point failed and keep_going is off
+            return PointResult(exp.name, scale, p.name, "pending", scale_dir / p.name, error="not run")
+        if jobs == 1:
+            bar.set_postfix_str(p.name)
+        r = _run_point(exp, scale, p, scale_dir / p.name, kernel_name=kernel_name, timeout=timeout)
         if r.status == "failed":
             tqdm.write(r.error, file=sys.stderr)
-            if not keep_going:
-                break
+            stop = stop or not keep_going
         elif progress:
             tqdm.write(f"{p.name}: done in {r.seconds:.1f} s", file=sys.stderr)
+        bar.update(1)
+        return r
+
+    with _threads_per_job(jobs):
+        if jobs == 1:
+            ran = [one(p) for p in pending]
+        else:
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                ran = list(pool.map(one, pending))
     bar.close()
-    return results
+    results.update((r.point, r) for r in ran if r.status != "pending")
+    return [results[p.name] for p in selected if p.name in results]
 
 
 def add_run_arguments(parser) -> None:
@@ -292,6 +357,8 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter (value parsed as YAML), e.g. --set coco_root=/data/coco")
     parser.add_argument("--force", action="store_true", help="rerun points that are already complete")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run N points at once, each on cores/N threads (default 1)")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failing point")
     parser.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -315,7 +382,8 @@ def run_from_args(args) -> int:
     """Run ``solq run`` from parsed arguments; prints a summary. Returns the exit code (1 on failures)."""
     results = run_experiment(args.experiment, args.scale, runs_dir=args.runs_dir, points=args.points,
                              force=args.force, progress=not args.no_progress, keep_going=not args.stop_on_error,
-                             overrides=parse_overrides(args.overrides), dry_run=args.dry_run)
+                             overrides=parse_overrides(args.overrides), dry_run=args.dry_run,
+                             jobs=args.jobs)
     for r in results:
         note = f"  ({r.error})" if args.dry_run and r.error else f"  {r.seconds:.1f} s" if r.seconds else ""
         print(f"{r.status:8s} {r.experiment}/{r.scale}/{r.point}{note}")
