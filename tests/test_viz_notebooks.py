@@ -1,5 +1,6 @@
 """The viz notebooks run end to end through papermill with tiny parameters and write their figures and
-metrics.json. decoder_attention runs standalone (empty checkpoint: it trains a two-step tiny smoke model);
+metrics.json. decoder_attention runs standalone (an empty checkpoint, not the shipped default: it trains a two-step
+tiny smoke model);
 failure_cases and explorer then use that model's run folder."""
 import json
 from pathlib import Path
@@ -42,7 +43,7 @@ def _images_shown(nb) -> int:
 
 @pytest.fixture(scope="module")
 def attention_run(workdir):
-    return _run(workdir, "decoder_attention", num_images=2, queries_per_image=2)
+    return _run(workdir, "decoder_attention", checkpoint="", num_images=2, queries_per_image=2)
 
 
 def test_decoder_attention_standalone(attention_run):
@@ -80,7 +81,7 @@ def test_failure_cases(workdir, attention_run):
 
 def test_explorer_notebook(workdir, attention_run):
     run = attention_run[0] / "smoke_model"
-    out, nb = _run(workdir, "explorer", checkpoint=str(run), score_threshold=0.05)
+    out, nb = _run(workdir, "explorer", checkpoint=str(run), compare_checkpoint="", score_threshold=0.05)
     metrics = json.loads((out / "metrics.json").read_text())
     counts = [metrics[f"detections_at_threshold/{t}"] for t in ("0", "0.05", "0.5", "1")]
     assert counts == sorted(counts, reverse=True) and counts[0] > 0

@@ -25,7 +25,7 @@ __all__ = [
     "CheckpointError", "FORMAT", "LAST_NAME", "save_checkpoint", "load_checkpoint", "is_valid_checkpoint",
     "epoch_checkpoint_name", "list_checkpoints", "find_resume_checkpoint", "capture_rng_state",
     "restore_rng_state", "is_release_checkpoint", "load_model_weights", "config_for_checkpoint",
-    "build_from_checkpoint",
+    "build_from_checkpoint", "save_weights_only",
 ]
 
 FORMAT = "solq-checkpoint-v1"
@@ -172,8 +172,13 @@ def load_model_weights(path: str | Path, map_location: Any = "cpu") -> tuple[Opt
     files). For a release file the config comes from ``solq.models.official.load_official_checkpoint``
     (inferred from the tensor shapes) as a dict.
     """
+    from solq.models import pretrained
+
+    if str(path) in pretrained.SHIPPED:  # a shipped name, e.g. "smoke-uqr"
+        path = pretrained.path(str(path))
     if not Path(path).is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointError(f"{path}: no such checkpoint file (nor one of the shipped names "
+                              f"{sorted(pretrained.SHIPPED)})")
     try:
         state, first_error = load_checkpoint(path, map_location), None
     except CheckpointError as e:  # maybe a release file with pickled extras (argparse args): the mapper decides
@@ -187,6 +192,31 @@ def load_model_weights(path: str | Path, map_location: Any = "cpu") -> tuple[Opt
     except (OfficialCheckpointError, OSError) as e:
         raise CheckpointError(f"{first_error or path}; not a release checkpoint either: {e}") from e
     return cfg.to_dict(), weights, {}
+
+
+def save_weights_only(checkpoint: str | Path, destination: str | Path, *, extra: Optional[dict] = None,
+                      clean_data_paths: bool = True) -> Path:
+    """A slim copy of a solq training checkpoint, for shipping: ``model`` (state dict), ``config``,
+    ``categories``, ``step``, ``code_version``, ``format`` and ``extra`` (e.g. measured metrics), no optimiser,
+    scheduler or RNG states. ``clean_data_paths`` puts the data section's paths back to the defaults, so the
+    file does not name folders of the machine that trained it. Written atomically; returns ``destination``."""
+    from solq.config import DataConfig, RuntimeConfig
+
+    state = load_checkpoint(checkpoint)
+    if "config" not in state or "model" not in state:
+        raise CheckpointError(f"{checkpoint}: not a solq training checkpoint (no config/model)")
+    config = dict(state["config"])
+    if clean_data_paths:
+        default = DataConfig()
+        config["data"] = {**config["data"], **{k: getattr(default, k) for k in
+                                               ("root", "train_images", "train_annotations", "val_images",
+                                                "val_annotations")}}
+        config["runtime"] = {**config["runtime"], "output_dir": RuntimeConfig().output_dir, "resume": ""}
+    slim = {"model": state["model"], "config": config, "categories": state.get("categories", {}),
+            "step": state.get("step", 0), "code_version": state.get("code_version", ""),
+            "format": state.get("format", FORMAT), "extra": dict(extra or {})}
+    save_checkpoint(slim, destination)
+    return Path(destination)
 
 
 def config_for_checkpoint(saved: Optional[dict], config: Optional[str] = None, overrides=()):

@@ -7,6 +7,11 @@ option that takes weights accepts either. Every file is a plain dict of tensors 
 | name | what | made by |
 |---|---|---|
 | ``synthetic-small`` | the ``small`` backbone pretrained on synthetic-scene segmentation | ``solq pretrain-backbone`` |
+| ``smoke-uqr`` | the smoke SOLQ (UQR) model, weights + config + its measured metrics | ``scripts/make_teaching_models.sh`` |
+| ``smoke-sqr`` | the smoke SQR baseline, the same way | ``scripts/make_teaching_models.sh`` |
+
+The two smoke models are checkpoints: every ``--checkpoint`` option and the notebooks' ``checkpoint`` parameters
+take their names (``solq eval --checkpoint smoke-uqr``).
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ __all__ = ["SHIPPED", "path", "names"]
 _DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {
     "synthetic-small": "backbone_small_synthetic.pt",
+    "smoke-uqr": "smoke_uqr.pt",
+    "smoke-sqr": "smoke_sqr.pt",
 }
 
 

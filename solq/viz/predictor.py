@@ -26,8 +26,13 @@ __all__ = ["Predictor", "resolve_checkpoint", "ground_truth", "raw_dataset", "im
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint file from a file path or a run folder (its ``checkpoint.pth``, else the newest
     ``checkpoint*.pth``, else the same in the first subfolder holding one, e.g. an experiment point whose notebook
-    trained into ``<point>/<run>/``). Raises FileNotFoundError naming the path when there is none."""
+    trained into ``<point>/<run>/``), or the file of a shipped name (``smoke-uqr``, ``smoke-sqr``: see
+    ``solq.models.pretrained``). Raises FileNotFoundError naming the path when there is none."""
     from solq.engine.checkpoint import LAST_NAME, list_checkpoints
+    from solq.models import pretrained
+
+    if str(path) in pretrained.SHIPPED:
+        return pretrained.path(str(path))
 
     p = Path(path)
     if p.is_file():

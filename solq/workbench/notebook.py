@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Param", "validate_parameters", "flatten_metrics", "write_metrics", "save_figure", "set_seed",
+__all__ = ["Param", "validate_parameters", "flatten_metrics", "write_metrics", "save_figure", "set_seed", "checkpoint_path",
            "project_root", "resolve_path"]
 
 _SCALAR = (str, int, float, bool, type(None))
@@ -35,8 +35,9 @@ class Param:
 
     ``kind``: a type or tuple of types (``float`` also accepts ints; ``bool`` is never an int);
     ``choices``: allowed values (for a list value: allowed items); ``min``/``max``: numeric bounds (inclusive, also applied to list items);
-    ``items``: type of list items; ``path``: ``"file"`` or ``"dir"`` that must exist (checked when
-    the value is non-empty; relative paths are resolved from the project root, see ``resolve_path``);
+    ``items``: type of list items; ``path``: ``"file"``, ``"dir"`` or ``"exists"`` that must exist, or
+    ``"checkpoint"``: an existing path or a shipped checkpoint name (checked when the value is non-empty;
+    relative paths are resolved from the project root, see ``resolve_path``);
     ``nullable``: None allowed; ``nonempty``: strings and lists must not be empty; ``help``: hint
     appended to error messages.
     """
@@ -106,10 +107,14 @@ def _check(name: str, value: Any, p: Param) -> str | None:
             if p.max is not None and v > p.max:
                 return f"parameter {name!r}: {v!r} is above the maximum {p.max}"
     if p.path and isinstance(value, (str, os.PathLike)) and str(value):
-        path = resolve_path(value)
+        try:
+            path = checkpoint_path(value) if p.path == "checkpoint" else resolve_path(value)
+        except FileNotFoundError as e:  # a shipped name whose file is missing
+            return f"parameter {name!r}: {e}"
         ok = path.is_file() if p.path == "file" else path.is_dir() if p.path == "dir" else path.exists()
         if not ok:
-            what = {"file": "file", "dir": "directory"}.get(p.path, "path")
+            what = {"file": "file", "dir": "directory", "checkpoint": "checkpoint (run folder, file or shipped "
+                    "name)"}.get(p.path, "path")
             return f"parameter {name!r}: {what} {str(value)!r} does not exist (resolved to {path})"
     return None
 
@@ -239,6 +244,14 @@ def resolve_path(path: str | Path) -> Path:
     (where the runner executes notebooks), so a notebook opened from ``notebooks/`` finds the same files."""
     p = Path(path).expanduser()
     return p if p.is_absolute() else (project_root() / p).resolve()
+
+
+def checkpoint_path(value: str | Path) -> Path:
+    """A checkpoint parameter: a shipped name (``smoke-uqr``, ``smoke-sqr``) as its file, else a path as
+    :func:`resolve_path` (a run folder or a .pth file)."""
+    from solq.models import pretrained
+
+    return pretrained.path(str(value)) if str(value) in pretrained.SHIPPED else resolve_path(value)
 
 
 def set_seed(seed: int) -> int:

@@ -1,0 +1,47 @@
+"""The shipped teaching models (``smoke-uqr``, ``smoke-sqr``): reachable by name everywhere a checkpoint is taken,
+plain ``weights_only`` files of at most 15 MB, and still scoring what they scored when they were made (the metrics
+stored in the file, which the README quotes) on the same deterministic synthetic val scenes."""
+import json
+
+import pytest
+import torch
+
+from solq.data.synthetic import generate
+from solq.engine.checkpoint import load_model_weights
+from solq.engine.evaluate import run_evaluation
+from solq.models import pretrained
+from solq.viz.predictor import resolve_checkpoint
+from solq.workbench.notebook import Param, checkpoint_path, validate_parameters
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("name", ["smoke-uqr", "smoke-sqr"])
+def test_shipped_file_by_name(name):
+    path = pretrained.path(name)
+    assert name in pretrained.names() and path.stat().st_size <= 15 * 2 ** 20
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    assert {"model", "config", "categories", "extra"} <= set(state)
+    assert state["config"]["model"]["mode"] == name.split("-")[1]
+    assert state["config"]["data"]["root"] == "data/synthetic"  # no folder of the machine that made it
+    assert set(state["extra"]["metrics"]) >= {"bbox/AP", "segm/AP"}
+    assert resolve_checkpoint(name) == path == checkpoint_path(name)
+    config, weights, _ = load_model_weights(name)
+    assert config["model"]["mode"] == name.split("-")[1] and weights.keys() == state["model"].keys()
+    assert validate_parameters({"checkpoint": name}, {"checkpoint": Param(str, path="checkpoint")})
+    with pytest.raises(ValueError, match="does not exist"):
+        validate_parameters({"checkpoint": "no-such-model"}, {"checkpoint": Param(str, path="checkpoint")})
+
+
+def test_uqr_still_scores_what_it_scored(tmp_path, capsys):
+    stored = torch.load(pretrained.path("smoke-uqr"), weights_only=True)["extra"]
+    assert "seed 1" in stored["scored_on"] and "256 px" in stored["scored_on"]
+    # the val scenes it was scored on: 100 of seed 1 at 256 px (each image seeded by seed, split and index, so the
+    # training split's size does not change them)
+    generate(tmp_path, 1, 100, 256, 0, val_seed=1, progress=False)
+    metrics = run_evaluation("smoke-uqr", overrides=[f"data.root={tmp_path}", "runtime.device=cpu",
+                                                      "eval.boundary=false"], progress_bar=False)
+    for key in ("bbox/AP", "segm/AP", "segm/AP50"):
+        kind, name = key.split("/")
+        assert metrics[kind][name] == pytest.approx(stored["metrics"][key], abs=0.005), (key, json.dumps(metrics))
+    assert metrics["bbox"]["AP"] > 0.3 and metrics["segm"]["AP"] > 0.2  # a model that finds the objects
