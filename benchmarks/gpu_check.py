@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -40,6 +39,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from solq.engine.bench import timed_median  # noqa: E402
 
 TABLE5_LEVELS = [(64, 107), (32, 54), (16, 27), (8, 14)]  # a width-256 model at 512x852 (strides 8..64)
 # name: (level shapes, B, Q, M heads, D per head, P points, spread of the locations around [0,1], padded tokens)
@@ -127,22 +127,6 @@ def check_kernels(device: torch.device, cases: dict, dtypes: Sequence[torch.dtyp
     return rows
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> tuple[float, float]:
-    """(median, max - min) seconds of fn() over ``iters`` timed calls after ``warmup``; synchronised per call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), max(times) - min(times)
-
-
 def time_kernels(device: torch.device, iters: int) -> list[dict]:
     """Milliseconds of one forward and one forward+backward of each backend at the Table 5 shapes, float32."""
     from solq.models.deformable_attention import ms_deform_attn_reference
@@ -157,12 +141,12 @@ def time_kernels(device: torch.device, iters: int) -> list[dict]:
         for backend, fn in (("reference", ms_deform_attn_reference), ("fused", ms_deform_attn_fused),
                             ("triton", ms_deform_attn_triton)):
             with torch.no_grad():
-                fwd, _ = _median_seconds(lambda: fn(*args), device, iters, 3)
+                fwd, _ = timed_median(lambda: fn(*args), iters, 3, device)
 
             def both():
                 out = fn(*args)
                 torch.autograd.grad(out.sum(), [args[0], args[3], args[4]])
-            fb, _ = _median_seconds(both, device, iters, 3)
+            fb, _ = timed_median(both, iters, 3, device)
             rows.append({"shape": name, "backend": backend, "forward_ms": 1e3 * fwd, "forward_backward_ms": 1e3 * fb})
     return rows
 
@@ -180,8 +164,9 @@ def time_forward(device: torch.device, *, preset: str = "paper-r50", modes=("uqr
     for mode in modes:
         variants = [(backend, "none"), (backend, "bf16")] + ([("reference", "none")] if mode == "uqr" else [])
         for attention, amp in variants:
-            cfg = load_config(preset, [f"model.mode={mode}", "model.num_classes=91", f"model.attention_backend={attention}",
-                                       "runtime.device=" + device.type, *overrides])
+            cfg = load_config(preset, [f"model.mode={mode}", "model.num_classes=91",
+                                       f"model.attention_backend={attention}", "runtime.device=" + device.type,
+                                       *overrides])
             torch.manual_seed(0)
             model = build_model(cfg)[0].to(device).eval()
             images = torch.randn(1, 3, height, width, device=device)
@@ -190,7 +175,7 @@ def time_forward(device: torch.device, *, preset: str = "paper-r50", modes=("uqr
             def forward():
                 with torch.no_grad(), autocast(device, amp):
                     return model(images, mask)
-            med, spread = _median_seconds(forward, device, iters, warmup)
+            med, spread = timed_median(forward, iters, warmup, device)
             rows.append({"mode": mode, "backend": attention, "amp": amp, "input": f"{height}x{width}",
                          "fps": 1.0 / med, "spread_ms": 1e3 * spread, "iters": iters,
                          "paper_fps_v100": PAPER_FPS.get(mode)})
@@ -239,7 +224,7 @@ def time_training(device: torch.device, *, preset: str = "release-r50", batch: i
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
-        med, spread = _median_seconds(step, device, steps, warmup)
+        med, spread = timed_median(step, steps, warmup, device)
         peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
         rows.append({"preset": preset, "backend": backend, "amp": amp, "batch": batch, "input": f"{height}x{width}",
                      "steps_per_s": 1.0 / med, "images_per_s": batch / med, "spread_ms": 1e3 * spread,
@@ -315,8 +300,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "passed", "error"],
                "timing": ["shape", "backend", "forward_ms", "forward_backward_ms"],
                "forward": ["mode", "backend", "amp", "input", "fps", "spread_ms", "iters", "paper_fps_v100"],
-               "training": ["preset", "backend", "amp", "batch", "input", "steps_per_s", "images_per_s", "spread_ms", "steps",
-                            "peak_gib", "losses_finite"]}
+               "training": ["preset", "backend", "amp", "batch", "input", "steps_per_s", "images_per_s", "spread_ms",
+                            "steps", "peak_gib", "losses_finite"]}
     failed = []
     md = [f"# gpu_check on {report['environment'].get('gpu', device)}", "",
           ", ".join(f"{k} {v}" for k, v in report["environment"].items())]

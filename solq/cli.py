@@ -78,7 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = add("eval", "Box and mask AP of a checkpoint (solq or the authors' release) on the val set.")
-    e.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
+    e.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
     config_options(e, None, "default: the checkpoint's own config (its model/codec sections always win)")
     e.add_argument("--output", metavar="DIR", help="write metrics.json here")
     e.add_argument("--dump", metavar="DIR", help="write bbox_results.json and segm_results.json (COCO results "
@@ -87,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     r = add("predict", "Run a checkpoint on images; write overlays (PNG) and COCO-format predictions.")
-    r.add_argument("--checkpoint", required=True, metavar="PATH", help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
+    r.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
     r.add_argument("images", nargs="+", metavar="IMAGES", help="image files, folders or glob patterns")
     r.add_argument("--output", default="predictions", metavar="DIR",
                    help="folder for overlays, predictions.json and images.json (default predictions)")

@@ -341,8 +341,8 @@ out.mkdir(parents=True, exist_ok=True)
 def test_jobs_run_points_at_once_on_their_share_of_the_cores(tmp_path, monkeypatch):
     (tmp_path / "notebooks").mkdir()
     (tmp_path / "experiments").mkdir()
-    nb = new_notebook(cells=[new_code_cell('scale = "smoke"\noutput_dir = ""\nx = 0', metadata={"tags": ["parameters"]}),
-                             new_code_cell(PARALLEL_BODY)])
+    params = new_code_cell('scale = "smoke"\noutput_dir = ""\nx = 0', metadata={"tags": ["parameters"]})
+    nb = new_notebook(cells=[params, new_code_cell(PARALLEL_BODY)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nbformat.write(nb, tmp_path / "notebooks" / "par.ipynb")
     path = tmp_path / "experiments" / "par.yaml"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,8 +33,8 @@ import torch
 from solq.config import Config
 from solq.engine.distributed import resolve_device
 
-__all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "matmul_gflops", "benchmark",
-           "bench_modes", "format_bench_table"]
+__all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "matmul_gflops", "timed_median",
+           "benchmark", "bench_modes", "format_bench_table"]
 
 # top-level submodules that form the mask branch, per model class
 MASK_BRANCH = {"SOLQ": ("vector_embed",), "SQRModel": ("seg_input_proj", "attention", "mask_head")}
@@ -166,6 +167,21 @@ def _timed(fn, iters: int, warmup: int, device: torch.device) -> float:
         fn()
     _sync(device)
     return (time.perf_counter() - start) / max(iters, 1)
+
+
+def timed_median(fn, iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(median, max - min) seconds of fn() over ``iters`` calls after ``warmup``, the device synchronised around
+    each call (so one slow call shows as spread instead of moving a mean)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(iters, 1)):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), max(times) - min(times)
 
 
 def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: int = 1, iters: int = 10,

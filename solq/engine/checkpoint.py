@@ -174,8 +174,7 @@ def load_model_weights(path: str | Path, map_location: Any = "cpu") -> tuple[Opt
     """
     from solq.models import pretrained
 
-    if str(path) in pretrained.SHIPPED:  # a shipped name, e.g. "smoke-uqr"
-        path = pretrained.path(str(path))
+    path = pretrained.resolve(path)  # a shipped name, e.g. "smoke-uqr", becomes its file
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint file (nor one of the shipped names "
                               f"{sorted(pretrained.SHIPPED)})")

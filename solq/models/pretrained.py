@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["SHIPPED", "path", "names"]
+__all__ = ["SHIPPED", "path", "names", "resolve"]
 
 _DIR = Path(__file__).resolve().parent / "weights"
 SHIPPED = {
@@ -45,3 +45,9 @@ def path(name: str | Path) -> Path:
     if p.is_file():
         return p
     raise FileNotFoundError(f"{name!r} is neither a file nor a shipped name ({sorted(SHIPPED)})")
+
+
+def resolve(value: str | Path) -> Path:
+    """The file of a shipped name (as :func:`path`), else ``value`` unchanged as a Path (existing or not: the
+    caller reports a missing file in its own terms)."""
+    return path(str(value)) if str(value) in SHIPPED else Path(value)

@@ -31,10 +31,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     from solq.engine.checkpoint import LAST_NAME, list_checkpoints
     from solq.models import pretrained
 
-    if str(path) in pretrained.SHIPPED:
-        return pretrained.path(str(path))
-
-    p = Path(path)
+    p = pretrained.resolve(path)
     if p.is_file():
         return p
     if p.is_dir():

@@ -2,9 +2,9 @@
 
 1. synthetic scenes (COCO format) are generated under ``out_dir/synthetic``: 2,000 training scenes (seed 0)
    and 100 validation scenes of 256 px from another seed (1), those of ``solq synth``'s default generator;
-2. the SQR baseline and the SOLQ (UQR) smoke models are trained side by side, one thread each, (the smoke recipe: the small backbone
-   pretrained on synthetic scenes, as the paper starts from ImageNet weights; two-stage queries, IoU-aware
-   classification, warm-up + cosine; batch 8) and evaluated on those 100 scenes: the ``mode=sqr`` and
+2. the SQR baseline and the SOLQ (UQR) smoke models are trained side by side on one thread each (the smoke
+   recipe: the small backbone pretrained on synthetic scenes, as the paper starts from ImageNet weights;
+   two-stage queries, IoU-aware classification, warm-up + cosine; batch 8) and evaluated on those 100 scenes: the ``mode=sqr`` and
    ``mode=uqr`` points of ``experiments/table2_uqr_vs_sqr.yaml`` (the UQR point also draws Figures 3/5, its
    masks beside SQR's on the same images);
 3. Table 4's Boundary AP of the UQR model (``experiments/table4_boundary_ap.yaml``);

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["Param", "validate_parameters", "flatten_metrics", "write_metrics", "save_figure", "set_seed", "checkpoint_path",
-           "project_root", "resolve_path"]
+__all__ = ["Param", "validate_parameters", "flatten_metrics", "write_metrics", "save_figure", "set_seed",
+           "checkpoint_path", "project_root", "resolve_path"]
 
 _SCALAR = (str, int, float, bool, type(None))
 
@@ -251,7 +251,7 @@ def checkpoint_path(value: str | Path) -> Path:
     :func:`resolve_path` (a run folder or a .pth file)."""
     from solq.models import pretrained
 
-    return pretrained.path(str(value)) if str(value) in pretrained.SHIPPED else resolve_path(value)
+    return resolve_path(pretrained.resolve(value))  # a shipped file's path is absolute: kept as it is
 
 
 def set_seed(seed: int) -> int:

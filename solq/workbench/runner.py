@@ -283,6 +283,8 @@ def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = 
 
     if scale not in SCALES:
         raise ValueError(f"scale {scale!r} is not one of {list(SCALES)}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     exp = load_experiment(yaml_path)
     runs_dir = Path(runs_dir).resolve()
     selected = _select(exp.points(scale, overrides, runs_dir), points, exp.path)
@@ -302,8 +304,6 @@ def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = 
     # the report reads the layout from this copy, so runs stay self-describing
     (scale_dir / "experiment.yaml").write_text(exp.path.read_text())
     timeout = exp.scale_spec(scale).get("timeout")
-    if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
     results: dict[str, PointResult] = {}
     pending = []
     for p in selected:
