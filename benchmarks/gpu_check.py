@@ -157,7 +157,7 @@ def time_forward(device: torch.device, *, preset: str = "paper-r50", modes=("uqr
     """Forward images/s (median over ``iters`` synchronised batch-1 forwards and the spread) of each mode, with
     ``backend`` in float32 and under bf16 autocast, and UQR with the reference backend as well."""
     from solq.config import load_config
-    from solq.engine.evaluate import autocast
+    from solq.engine.runtime import autocast
     from solq.models import build_model
 
     rows = []
@@ -190,7 +190,8 @@ def time_training(device: torch.device, *, preset: str = "release-r50", batch: i
     height x width on random targets, for each autocast dtype (fp16 with a GradScaler, as ``solq train``)."""
     from solq.config import load_config
     from solq.engine.bench import _random_targets
-    from solq.engine.evaluate import autocast, to_float32, weighted_total
+    from solq.engine.evaluate import weighted_total
+    from solq.engine.runtime import autocast, to_float32
     from solq.engine.optim import build_optimizer
     from solq.models import build_model
 

@@ -211,10 +211,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from solq.engine.predict import predict
+    from solq.viz.draw import overlay
 
     out = predict(args.checkpoint, args.images, output_dir=args.output, score_threshold=args.score_threshold,
                   device=args.device, config=args.config, overrides=args.overrides,
-                  overlays=not args.no_overlays, progress_bar=not args.no_progress)
+                  draw=None if args.no_overlays else overlay, progress_bar=not args.no_progress)
     print(f"{out['detections']} detections on {out['images']} images -> {out['output_dir']}")
     return 0
 

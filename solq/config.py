@@ -9,7 +9,7 @@ Defaults live here and nowhere else. A config is built from a preset name or a Y
 Presets:
 
 - ``paper-r50``: the paper's Table 5 sizes (transformer width 256, FFN 1024, 300 queries, 6+6 layers).
-- ``release-r50``: the authors' script defaults (width 384, FFN 1024); reference §1.2.
+- ``release-r50``: the authors' script defaults (width 384, FFN 1024)
 - ``smoke``: the CPU recipe: a small CNN pretrained on synthetic scenes, width 64, 2+2 layers, two-stage with 30
   queries, 160-px inputs, batch 8; trains on a CPU in minutes.
 """
@@ -39,7 +39,7 @@ def _scales(lo: int, hi: int, step: int = 32) -> list[int]:
 
 @dataclass
 class DataConfig:
-    """Where the data is and how it is augmented (reference §7)."""
+    """Where the data is and how it is augmented (as in the authors' release)."""
 
     # "synthetic" generates procedural scenes into ``root`` when missing; "coco" reads the paths below.
     dataset: str = "synthetic"
@@ -54,7 +54,7 @@ class DataConfig:
     synth_image_size: int = 256
     synth_seed: int = 0
     synth_val_seed: int = -1  # -1 = synth_seed (the val scenes differ from the train scenes either way)
-    # augmentation (reference §7.2); all sizes parameterised for the smoke scale
+    # augmentation (as in the authors' release); all sizes parameterised for the smoke scale
     train_scales: list[int] = field(default_factory=lambda: _scales(480, 800))
     max_size: int = 1333
     crop_resize_scales: list[int] = field(default_factory=lambda: [400, 500, 600])
@@ -76,16 +76,16 @@ class CodecConfig:
     name: str = "dct"  # dct | pca | sparse | flatten
     resolution: int = 128  # N: side of the mask crop
     num_coeffs: int = 256  # n_k: vector length
-    threshold: str = "midrange"  # dct binarisation: midrange (reference §3.3) or 0.5
+    threshold: str = "midrange"  # dct binarisation: midrange (as in the authors' release) or 0.5
     file: str = ""  # fitted pca/sparse codec (.pt); fitted on the train set when empty
     whiten: bool = True  # pca
-    jitter: bool = False  # pca: reference §3.7 logit-jitter targets
+    jitter: bool = False  # pca: logit-jittered targets (as the authors' release)
     sparse_alpha: float = 0.1  # sparse: Lasso penalty
 
 
 @dataclass
 class ModelConfig:
-    """Network shape (reference §2). ``mode``: uqr (SOLQ), sqr (D-DETR + mask branch), det (D-DETR)."""
+    """Network shape (as in the authors' release). ``mode``: uqr (SOLQ), sqr (D-DETR + mask branch), det (D-DETR)."""
 
     mode: str = "uqr"
     backbone: str = "resnet50"
@@ -128,7 +128,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Matcher costs and loss weights (reference §4, §5)."""
+    """Matcher costs and loss weights (as in the authors' release)."""
 
     set_cost_class: float = 2.0
     set_cost_bbox: float = 5.0
@@ -150,7 +150,7 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation recipe (reference §1.3)."""
+    """Optimisation recipe (as in the authors' release)."""
 
     lr: float = 2e-4
     lr_backbone: float = 2e-5
@@ -175,7 +175,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Inference and evaluation (reference §6, §8)."""
+    """Inference and evaluation (as in the authors' release)."""
 
     topk: int = 100
     mask_threshold: float = 0.5

@@ -192,3 +192,20 @@ def test_build_codec_registry_and_config(tmp_path, train_masks):
     assert pca.is_fitted and pca.whiten
     sparse = build_codec_from_config(CodecConfig(name="sparse", resolution=N, num_coeffs=8, sparse_alpha=0.2))
     assert not sparse.is_fitted and sparse.alpha == 0.2
+
+
+def test_each_codec_registers_itself_and_reads_its_own_config():
+    from solq.coding import CODECS, DCTCodec, register_codec
+    from solq.config import load_config
+
+    assert set(CODECS) == {"dct", "pca", "sparse", "flatten"}
+    for name in CODECS:
+        codec = build_codec_from_config(load_config("smoke", [f"codec.name={name}", "codec.num_coeffs=40"]).codec)
+        assert type(codec) is CODECS[name] and codec.dim == (784 if name == "flatten" else 40)
+
+    class Impostor(DCTCodec):
+        name = "dct"
+
+    with pytest.raises(ValueError, match="taken by DCTCodec"):
+        register_codec(Impostor)
+    assert CODECS["dct"] is DCTCodec

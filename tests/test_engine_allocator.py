@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from solq.config import load_config
-from solq.engine import allocator, train
+from solq.engine import allocator, runtime
 
 # Runs in a fresh interpreter: mallopt changes the whole process. mallinfo2 (glibc >= 2.33) reports the
 # bytes held in separately mmapped blocks (hblkhd) and in the heap (arena).
@@ -51,10 +51,10 @@ def test_configure_runtime_applies_the_setting(monkeypatch):
     calls = []
     monkeypatch.setattr(allocator, "retain_freed_memory", lambda: calls.append(1) or True)
     cfg = load_config("smoke")
-    train.configure_runtime(cfg)
+    runtime.configure_runtime(cfg)
     assert calls == [1]
     cfg.runtime.keep_freed_memory = False
-    train.configure_runtime(cfg)
+    runtime.configure_runtime(cfg)
     assert calls == [1]
 
 

@@ -141,7 +141,8 @@ def test_short_train_and_eval_run_writes_log_checkpoints_and_metrics(synth_root,
     assert metrics["num_images"] == 4 and metrics["loss"]["loss"] > 0
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["step"] == 8 and ckpt["epoch"] == 2 and ckpt["batch_in_epoch"] == 0
-    assert ckpt["config"]["model"]["num_classes"] == cfg.model.num_classes > 0  # filled from the data
+    assert ckpt["config"]["model"]["num_classes"] == result["num_classes"] > 0  # taken from the data
+    assert cfg.model.num_classes == 0  # returned, not written into the caller's config
     assert ckpt["categories"] and ckpt["lr_scheduler"]["last_epoch"] == 2 and ckpt["code_version"]
     assert load_config(out / "config.yaml").to_dict() == ckpt["config"]
 

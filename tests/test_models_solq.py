@@ -184,6 +184,32 @@ def test_build_model_returns_three_parts():
     assert callable(criterion) and callable(post)
 
 
+def test_vector_length_comes_from_the_codec_not_num_coeffs():
+    # flatten codes are 28x28 = 784-d whatever codec.num_coeffs says; the head must match the codec
+    cfg = load_config("smoke", ["model.num_classes=3", "codec.name=flatten", "codec.num_coeffs=128"])
+    assert build_detector(cfg).vector_embed.layers[-1].out_features == 784
+    model, criterion, _ = build_model(cfg)
+    assert model.vector_embed.layers[-1].out_features == criterion.codec.dim == 784
+
+
+def test_build_model_uses_the_codec_it_is_given():
+    from solq.coding import DCTCodec, FlattenCodec
+
+    cfg = load_config("smoke", ["model.num_classes=3", "codec.num_coeffs=64"])
+    codec = DCTCodec(resolution=64, num_coeffs=40)
+    model, criterion, post = build_model(cfg, codec=codec)
+    assert criterion.codec is codec and post.codec is codec
+    assert model.vector_embed.layers[-1].out_features == 40
+    with pytest.raises(ConfigError, match="flatten"):
+        build_model(cfg, codec=FlattenCodec())
+
+
+def test_predicts_masks_is_a_property_of_the_model():
+    assert build_model(load_config("smoke", ["model.num_classes=3"]))[0].predicts_masks
+    assert build_model(load_config("smoke", ["model.num_classes=3", "model.mode=sqr"]))[0].predicts_masks
+    assert not build_model(load_config("smoke", ["model.num_classes=3", "model.mode=det"]))[0].predicts_masks
+
+
 def test_bf16_autocast_keeps_boxes_and_references_in_float32():
     _, m = _tiny()
     m.eval()

@@ -1,4 +1,6 @@
 """SQR baseline: attention map, mask head shapes, frozen detector, tiny overfit."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +17,8 @@ class TinyDetector(nn.Module):
 
     def __init__(self, d=32, Q=4, C=3, chans=(16, 24, 40)):
         super().__init__()
+        self.hidden_dim = d  # what SQRModel reads from a detector: its width and its backbone's channels
+        self.backbone = SimpleNamespace(num_channels=list(chans))
         self.c3 = nn.Conv2d(3, chans[0], 8, stride=8)
         self.c4 = nn.Conv2d(chans[0], chans[1], 3, stride=2, padding=1)
         self.c5 = nn.Conv2d(chans[1], chans[2], 3, stride=2, padding=1)
@@ -67,9 +71,9 @@ def test_mask_head_small_widths_groupnorm():
     assert out.shape == (1, 3, 8, 8)
 
 
-def test_shapes_and_probe():
+def test_shapes_and_detector_width():
     torch.manual_seed(0)
-    model = SQRModel(TinyDetector(), nheads=4)  # width and channels probed
+    model = SQRModel(TinyDetector(), nheads=4)  # width and channels read from the detector
     assert [m.out_channels for m in model.seg_input_proj] == [20, 12, 8]  # C5, C4, C3 halved
     images, mask = _batch()
     out = model(images, mask)
@@ -121,7 +125,7 @@ def test_frozen_detector_gets_no_gradients_and_loss_decreases():
 
 def test_joint_training_reaches_the_detector():
     torch.manual_seed(0)
-    model = SQRModel(TinyDetector(), nheads=4, hidden_dim=32, feature_channels=[16, 24, 40])
+    model = SQRModel(TinyDetector(), nheads=4)
     crit = SetCriterion(3, HungarianMatcher(), losses=("labels", "boxes", "masks"), num_dec_layers=2)
     images, mask = _batch()
     losses = crit(model(images, mask), _targets())

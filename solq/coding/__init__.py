@@ -1,4 +1,4 @@
-"""Mask compression coding (paper §3.2, Table 3a/3d/3e; reference §3 and §6).
+"""Mask compression coding (paper §3.2, Tables 3a/3d/3e).
 
 - ``crop_to_box(masks [K,H,W], boxes_xyxy [K,4], size) -> float {0,1} [K,size,size]``
 - ``paste_in_image(maps [K,n,n], boxes_xyxy [K,4], (H, W), threshold=0.5) -> bool [K,H,W]``
@@ -7,16 +7,14 @@
   (pca/sparse also ``fit``, ``save``, ``load``, ``is_fitted``).
 - ``solq.coding.study``: the training-free reconstruction study (upper bound of each coding).
 """
-from .base import Codec, FittedCodec, _factories, build_codec, build_codec_from_config
+from .base import CODECS, Codec, FittedCodec, build_codec, build_codec_from_config, register_codec
 from .dct import DCTCodec, dct_matrix, zigzag_order
 from .flatten import FlattenCodec
 from .geometry import crop_to_box, paste_in_image
 from .pca import PCACodec
 from .sparse import SparseCodec
 
-CODECS = _factories()  # plain name -> constructor dict
-
 __all__ = [
-    "Codec", "FittedCodec", "CODECS", "build_codec", "build_codec_from_config", "DCTCodec", "PCACodec",
-    "SparseCodec", "FlattenCodec", "crop_to_box", "paste_in_image", "dct_matrix", "zigzag_order",
+    "Codec", "FittedCodec", "CODECS", "register_codec", "build_codec", "build_codec_from_config", "DCTCodec",
+    "PCACodec", "SparseCodec", "FlattenCodec", "crop_to_box", "paste_in_image", "dct_matrix", "zigzag_order",
 ]

@@ -7,11 +7,13 @@ and never enter a model's state dict.
 """
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from pathlib import Path
 
 import torch
 
-__all__ = ["Codec", "FittedCodec", "CODECS", "build_codec", "build_codec_from_config", "THRESHOLDS"]
+__all__ = ["Codec", "FittedCodec", "CODECS", "register_codec", "build_codec", "build_codec_from_config",
+           "THRESHOLDS"]
 
 THRESHOLDS = ("midrange", "0.5")
 
@@ -20,7 +22,7 @@ class Codec:
     """Base class: attributes ``name``, ``resolution`` (N), ``dim`` (n_k), ``loss_type`` ("l1" | "mse_dice").
 
     Subclasses implement ``encode(masks [K,N,N]) -> [K,dim]`` and ``decode(vectors [K,dim]) -> [K,N,N]``.
-    ``threshold`` picks the binarisation: "midrange" = strict ``> (max+min)/2`` per mask (reference §3.3;
+    ``threshold`` picks the binarisation: "midrange" = strict ``> (max+min)/2`` per mask (the authors' release;
     a constant map, which the reference turns into an empty mask, uses ``>= 0.5`` instead), "0.5" = ``>= 0.5``.
     """
 
@@ -39,6 +41,11 @@ class Codec:
         self.resolution = int(resolution)
         self.dim = int(dim)
         self.threshold = threshold
+
+    @classmethod
+    def config_params(cls, codec_cfg) -> dict:
+        """The constructor keyword arguments that a ``solq.config.CodecConfig`` describes for this codec."""
+        raise NotImplementedError
 
     # ---- interface -------------------------------------------------------------------------------
     def encode(self, masks: torch.Tensor) -> torch.Tensor:
@@ -137,8 +144,6 @@ class FittedCodec(Codec):
         """Write the fitted codec to ``path`` (torch.save of tensors + plain metadata)."""
         if not self.is_fitted:
             raise RuntimeError(f"{self.name} codec: nothing to save, the codec is not fitted")
-        from pathlib import Path
-
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         meta = {"codec": self.name, "resolution": self.resolution, "dim": self.dim,
                 "num_fit_samples": self.num_fit_samples}
@@ -179,20 +184,16 @@ class FittedCodec(Codec):
         return m.detach().reshape(m.shape[0], -1).to("cpu", dtype)
 
 
-def _factories() -> dict[str, Callable[..., Codec]]:
-    """The plain name -> constructor dict. Imported lazily: the codec modules import ``Codec`` from here."""
-    from .dct import DCTCodec
-    from .flatten import FlattenCodec
-    from .pca import PCACodec
-    from .sparse import SparseCodec
-
-    return {"dct": DCTCodec, "pca": PCACodec, "sparse": SparseCodec, "flatten": FlattenCodec}
+CODECS: dict[str, type["Codec"]] = {}  # plain name -> codec class, filled by @register_codec
 
 
-def __getattr__(name: str):
-    if name == "CODECS":  # module attribute resolved on first access (PEP 562)
-        return _factories()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+def register_codec(cls: type["Codec"]) -> type["Codec"]:
+    """Class decorator: make a codec class buildable by its ``name`` (``build_codec``, ``codec.name`` in configs).
+    Each codec module registers its own class, so this module imports none of them."""
+    if cls.name in CODECS and CODECS[cls.name] is not cls:
+        raise ValueError(f"codec name {cls.name!r} is taken by {CODECS[cls.name].__name__}")
+    CODECS[cls.name] = cls
+    return cls
 
 
 def build_codec(name: str, **params) -> Codec:
@@ -200,16 +201,13 @@ def build_codec(name: str, **params) -> Codec:
 
     Fitted codecs (pca, sparse) come back unfitted unless ``file=...`` is given (then loaded from it).
     """
-    factories = _factories()
-    if name not in factories:
-        raise ValueError(f"unknown codec {name!r}; available: {sorted(factories)}")
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; available: {sorted(CODECS)}")
     file = params.pop("file", "") or ""
     try:
-        codec = factories[name](**params)
+        codec = CODECS[name](**params)
     except TypeError as e:  # unknown keyword: name the codec and its accepted parameters
-        import inspect
-
-        accepted = [p for p in inspect.signature(factories[name]).parameters if p != "self"]
+        accepted = [p for p in inspect.signature(CODECS[name]).parameters if p != "self"]
         raise ValueError(f"codec {name!r}: bad parameters {sorted(params)} ({e}); accepted: {accepted}") from None
     if file:
         if not codec.requires_fit:
@@ -219,23 +217,9 @@ def build_codec(name: str, **params) -> Codec:
 
 
 def build_codec_from_config(codec_cfg) -> Codec:
-    """Build the codec described by a ``solq.config.CodecConfig``.
-
-    - dct: ``DCTCodec(resolution, num_coeffs, threshold)``;
-    - pca: ``PCACodec(resolution, num_coeffs, whiten, jitter)``, loaded from ``file`` when set;
-    - sparse: ``SparseCodec(resolution, num_coeffs, alpha=sparse_alpha)``, loaded from ``file`` when set;
-    - flatten: ``FlattenCodec()`` — always 28x28 = 784-d (paper Table 3a); resolution/num_coeffs are ignored.
-    An unfitted pca/sparse codec must be fitted (``fit``) before use.
-    """
-    c = codec_cfg
-    builders: dict[str, Callable[[], dict]] = {
-        "dct": lambda: dict(resolution=c.resolution, num_coeffs=c.num_coeffs, threshold=c.threshold),
-        "pca": lambda: dict(resolution=c.resolution, num_coeffs=c.num_coeffs, whiten=c.whiten, jitter=c.jitter,
-                            file=c.file),
-        "sparse": lambda: dict(resolution=c.resolution, num_coeffs=c.num_coeffs, alpha=c.sparse_alpha,
-                               file=c.file),
-        "flatten": lambda: dict(),
-    }
-    if c.name not in builders:
-        raise ValueError(f"codec.name: unknown codec {c.name!r}; available: {sorted(builders)}")
-    return build_codec(c.name, **builders[c.name]())
+    """Build the codec described by a ``solq.config.CodecConfig``: the class registered as ``codec_cfg.name``
+    reads its own fields (``Codec.config_params``); pca/sparse are loaded from ``file`` when it is set, else
+    come back unfitted (``fit`` them before use)."""
+    if codec_cfg.name not in CODECS:
+        raise ValueError(f"codec.name: unknown codec {codec_cfg.name!r}; available: {sorted(CODECS)}")
+    return build_codec(codec_cfg.name, **CODECS[codec_cfg.name].config_params(codec_cfg))

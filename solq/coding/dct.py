@@ -1,8 +1,8 @@
-"""DCT mask coding (paper §3.2, reference §3): orthonormal 2-D DCT-II, low frequencies in zig-zag order.
+"""DCT mask coding (paper §3.2, the authors' release): orthonormal 2-D DCT-II, low frequencies in zig-zag order.
 
 For a mask M [N,N], C = D·M·Dᵀ with D[k,n] = sqrt(α_k/N)·cos(π(2n+1)k/(2N)), α_0 = 1, α_k = 2 otherwise
 (identical to ``scipy.fft.dctn(norm="ortho")``); row index u is vertical frequency, column v horizontal.
-The vector holds C at the first n_k positions of the JPEG zig-zag (reference §3.2), unscaled.
+The vector holds C at the first n_k positions of the JPEG zig-zag (as in the authors' release), unscaled.
 
 Only the kept frequencies are ever computed: with U = 1 + max u and V = 1 + max v over the kept set
 (23 and 23 for n_k = 256), encode is T = D[:U]·M·D[:V]ᵀ ([K,U,V], two matmuls) followed by a gather,
@@ -16,7 +16,7 @@ import math
 import numpy as np
 import torch
 
-from .base import Codec
+from .base import Codec, register_codec
 
 __all__ = ["DCTCodec", "zigzag_order", "dct_matrix"]
 
@@ -44,17 +44,22 @@ def dct_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:
     return d.to(dtype=dtype, device=device)
 
 
+@register_codec
 class DCTCodec(Codec):
     """DCT codec: ``encode`` [K,N,N] -> [K,n_k]; ``decode`` [K,n_k] -> [K,N,N] (continuous, unclamped).
 
     Args:
         resolution: N, side of the mask crop (128 in the paper).
         num_coeffs: n_k, kept zig-zag coefficients (256 in the paper); 1 <= n_k <= N².
-        threshold: "midrange" (reference §3.3: strict ``>`` (max+min)/2 per mask) or "0.5" (``>= 0.5``).
+        threshold: "midrange" (the authors' release: strict ``>`` (max+min)/2 per mask) or "0.5" (``>= 0.5``).
     """
 
     name = "dct"
     loss_type = "l1"
+
+    @classmethod
+    def config_params(cls, c) -> dict:
+        return dict(resolution=c.resolution, num_coeffs=c.num_coeffs, threshold=c.threshold)
 
     def __init__(self, resolution: int = 128, num_coeffs: int = 256, threshold: str = "midrange"):
         super().__init__(resolution, num_coeffs, threshold)

@@ -11,16 +11,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Codec
+from .base import Codec, register_codec
 
 __all__ = ["FlattenCodec"]
 
 
+@register_codec
 class FlattenCodec(Codec):
     """``encode`` [K,S,S] -> [K,r²] (r = resolution, 28 by default); ``decode`` [K,r²] -> [K,r,r] clamped to [0,1]."""
 
     name = "flatten"
     loss_type = "mse_dice"
+
+    @classmethod
+    def config_params(cls, c) -> dict:
+        """always 28x28 = 784-d (paper Table 3a): the config's resolution and num_coeffs do not apply."""
+        return {}
 
     def __init__(self, resolution: int = 28, threshold: str = "0.5"):
         super().__init__(resolution, int(resolution) ** 2, threshold)

@@ -1,4 +1,4 @@
-"""Moving masks between image space and box space (reference §3.1 and §6).
+"""Moving masks between image space and box space (as in the authors' release).
 
 - ``crop_to_box``: image masks [K,H,W] -> box crops [K,S,S] in {0,1}: ROI-align (aligned=True, adaptive
   sampling) then ``>= 0.5``, exactly detectron2's ``BitMasks.crop_and_resize`` used by the reference.
@@ -33,7 +33,7 @@ def _check_boxes(boxes: torch.Tensor, k: int, fn: str) -> torch.Tensor:
 
 def crop_to_box(masks: torch.Tensor, boxes_xyxy: torch.Tensor, size: int, *,
                 chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """Crop each mask to its own box and resize to size x size (reference §3.1).
+    """Crop each mask to its own box and resize to size x size (as in the authors' release).
 
     Args:
         masks: bool or float [K,H,W] image-space masks.
@@ -119,7 +119,7 @@ def _bool_zeros(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 def paste_in_image(masks: torch.Tensor, boxes_xyxy: torch.Tensor, image_hw: tuple[int, int],
                    threshold: float = 0.5, *, chunk_elements: int = 1 << 21) -> torch.Tensor:
-    """Paste box-space maps into the image (reference §6, detectron2 ``paste_masks_in_image``).
+    """Paste box-space maps into the image (the authors' release, detectron2 ``paste_masks_in_image``).
 
     Args:
         masks: float or bool [K,h,w] maps in box space (any h, w; square for the codecs).

@@ -1,4 +1,4 @@
-"""PCA mask coding (paper §3.2 eq. 4, reference §3.7): project box crops on the top principal components.
+"""PCA mask coding (paper §3.2 eq. 4, the authors' release): project box crops on the top principal components.
 
 Fitted on training masks cropped to their boxes. With ``jitter=True`` the data are the reference's
 logit-jittered targets: each pixel of the binary mask moves into (0,1) by r ~ U(0, 0.05) clipped to
@@ -13,31 +13,32 @@ import warnings
 
 import torch
 
-from .base import FittedCodec
+from .base import FittedCodec, register_codec
 
 __all__ = ["PCACodec"]
 
-JITTER_MAX = 0.05  # reference §3.7: r ~ U(0, 0.05) ...
+JITTER_MAX = 0.05  # the authors' release: r ~ U(0, 0.05) ...
 JITTER_MIN = 0.01  # ... clipped to >= 0.01
 EXACT_SVD_MAX = 4096  # exact SVD up to this min(K, N²); randomized (torch.svd_lowrank) above
 
 
 def _jitter_logit(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Binary x [K,D] -> logit of the jittered values (stochastic, reference §3.7)."""
+    """Binary x [K,D] -> logit of the jittered values (stochastic, the authors' release)."""
     r = torch.rand(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     r = (r * JITTER_MAX).clamp_(min=JITTER_MIN)
     p = torch.where(x >= 0.5, 1 - r, r)
     return torch.logit(p)
 
 
+@register_codec
 class PCACodec(FittedCodec):
     """PCA codec: ``encode`` [K,N,N] -> [K,n_k]; ``decode`` [K,n_k] -> probabilities [K,N,N] in [0,1].
 
     Args:
         resolution: N, side of the box crop.
         num_coeffs: n_k, number of principal components kept.
-        whiten: scale codes to unit variance (reference §3.7 uses whitening).
-        jitter: fit/encode logit-jittered targets and decode with a sigmoid (reference §3.7).
+        whiten: scale codes to unit variance (the authors' release uses whitening).
+        jitter: fit/encode logit-jittered targets and decode with a sigmoid (as in the authors' release).
         threshold: binarisation of the decoded probabilities, "0.5" (default) or "midrange".
     """
 
@@ -45,6 +46,11 @@ class PCACodec(FittedCodec):
     loss_type = "mse_dice"
     _state_names = ("mean", "components", "variance", "total_variance")
     _fit_settings = ("jitter",)
+
+    @classmethod
+    def config_params(cls, c) -> dict:
+        return dict(resolution=c.resolution, num_coeffs=c.num_coeffs, whiten=c.whiten, jitter=c.jitter,
+                    file=c.file)
 
     def __init__(self, resolution: int = 128, num_coeffs: int = 256, whiten: bool = True, jitter: bool = False,
                  threshold: str = "0.5"):

@@ -17,7 +17,7 @@ import warnings
 
 import torch
 
-from .base import FittedCodec
+from .base import FittedCodec, register_codec
 
 __all__ = ["SparseCodec", "lasso_fista"]
 
@@ -63,6 +63,7 @@ def _update_atoms(codes: torch.Tensor, x: torch.Tensor,
     return dictionary / norms[:, None], norms
 
 
+@register_codec
 class SparseCodec(FittedCodec):
     """Sparse codec: ``encode`` [K,N,N] -> Lasso codes [K,n_k]; ``decode`` [K,n_k] -> v·D [K,N,N] (unclamped).
 
@@ -79,6 +80,10 @@ class SparseCodec(FittedCodec):
     loss_type = "l1"
     _state_names = ("dictionary",)
     _fit_settings = ("alpha",)
+
+    @classmethod
+    def config_params(cls, c) -> dict:
+        return dict(resolution=c.resolution, num_coeffs=c.num_coeffs, alpha=c.sparse_alpha, file=c.file)
 
     def __init__(self, resolution: int = 128, num_coeffs: int = 256, alpha: float = 0.1, num_iters: int = 200,
                  threshold: str = "0.5", fit_epochs: int = 5):

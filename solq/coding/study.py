@@ -9,7 +9,7 @@ COCO mask AP (``solq.evaluation.evaluate_coco``; each reconstruction is a detect
 GT category; crowd annotations are not predicted and stay ignore regions). This is the upper bound that
 the coding allows a perfect network. ``codec=None`` measures the crop + paste resampling alone.
 
-Data come straight from a COCO instances JSON (pycocotools ``annToRLE``); image files are not needed.
+Data come straight from a COCO instances JSON (``solq.data.coco.decode_masks``); image files are not needed.
 """
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
+
+from solq.data.coco import decode_masks
 
 from .base import Codec, build_codec
 from .geometry import crop_to_box, paste_in_image
@@ -89,8 +91,7 @@ def image_ground_truth(coco: COCO, image_id: int, ann_ids: Sequence[int] | None 
     ids = coco.getAnnIds(imgIds=[image_id]) if ann_ids is None else list(ann_ids)
     anns = [a for a in coco.loadAnns(ids) if not a.get("iscrowd", 0)]
     if anns:
-        rles = [coco.annToRLE(a) for a in anns]
-        masks = torch.from_numpy(mask_utils.decode(rles)).permute(2, 0, 1).bool()  # [n,H,W] (a strided view)
+        masks = decode_masks([a["segmentation"] for a in anns], h, w).bool()
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float64).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
     else:

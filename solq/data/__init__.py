@@ -3,7 +3,7 @@
 - :class:`CocoInstances` (coco.py): validated COCO dataset on pycocotools.
 - :class:`DatasetReport`, :class:`DatasetError`, :class:`DataWarning` (validation.py): the annotation checks.
 - :class:`ImageLoadError` (images.py): an image file missing, unreadable or of the wrong size.
-- :func:`build_transforms` (transforms.py): reference §7.2 augmentation / eval resize, v2 + tv_tensors.
+- :func:`build_transforms` (transforms.py): the authors' release augmentation / eval resize, v2 + tv_tensors.
 - :func:`collate` / :class:`Batch` (batching.py): padding to the batch max with a padding mask.
 - :func:`samples_dir`: 8 permissively licensed COCO images with annotations, shipped in the package.
 - ``solq.data.synthetic`` (import it explicitly): procedural COCO-format scenes.

@@ -1,4 +1,4 @@
-"""Batching of variable-size images with a padding mask (the reference's NestedTensor, §2.1).
+"""Batching of variable-size images with a padding mask (what DETR's NestedTensor holds).
 
 Images are zero-padded at the bottom/right to the largest height and width in the batch; ``mask``
 is True on padding. Targets stay a list of per-image dicts (their masks are not padded: they keep the

@@ -1,4 +1,4 @@
-"""COCO-format instance segmentation dataset on pycocotools (reference §7.1), with input validation.
+"""COCO-format instance segmentation dataset on pycocotools (as in the authors' release), with input validation.
 
 ``CocoInstances(image_dir, ann_file)`` reads a COCO "instances" JSON, checks it, and yields
 ``(image, target)`` pairs: polygons, uncompressed and compressed RLE are decoded with pycocotools,

@@ -1,4 +1,4 @@
-"""Training and evaluation transforms (reference §7.2, §7.3) on torchvision.transforms.v2 + tv_tensors.
+"""Training and evaluation transforms (as in the authors' release) on torchvision.transforms.v2 + tv_tensors.
 
 Image, boxes (tv_tensors.BoundingBoxes) and masks (tv_tensors.Mask, resized with nearest-exact) move together.
 
@@ -12,10 +12,10 @@ train (``build_transforms(True, cfg.data)``):
 eval: RandomResize([eval_size], max_size), then step 3.
 
 Deliberate deviation: the release has an extra RandomResize(train_scales, max_size) before the
-RandomSelect (§7.2). Every branch resizes again afterwards, so it changes no size distribution and
+RandomSelect. Every branch resizes again afterwards, so it changes no size distribution and
 only resamples the image and masks twice; it is left out.
 
-Sizes follow the reference rule (§7.3, ``int()`` truncation) except that the shorter side is floored
+Sizes follow the release's rule (``int()`` truncation) except that the shorter side is floored
 rather than rounded when ``max_size`` binds, so the longer side never exceeds ``max_size`` (the
 reference can overshoot by a pixel). Images are resized bilinearly with antialiasing (like PIL's
 resize in the reference). Masks use nearest-exact sampling (pixel centres) rather than the legacy

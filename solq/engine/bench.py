@@ -196,7 +196,7 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     from solq.engine.evaluate import weighted_total
     from solq.models import build_model
 
-    from solq.engine.train import configure_runtime
+    from solq.engine.runtime import configure_runtime
 
     cfg = copy.deepcopy(cfg)
     configure_runtime(cfg)
@@ -225,7 +225,7 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     _reset_peak(dev)
     with torch.no_grad():
         t_fwd = _timed(lambda: model(images, mask), iters, warmup, dev)
-        t_post = _timed(lambda: postprocessor(model(images, mask), sizes, with_masks=cfg.model.mode != "det",
+        t_post = _timed(lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks,
                                               input_sizes=sizes), iters, warmup, dev)
     result["fps_forward"] = batch_size / t_fwd
     result["achieved_gflops_forward"] = result["gflops_total"] / t_fwd  # FLOPs are per batch

@@ -23,8 +23,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from solq.config import Config, ConfigError
 from solq.engine import distributed as du
 
-__all__ = ["EpochSampler", "SeededDataset", "dataset_paths", "build_dataset", "build_datasets",
-           "build_train_loader", "build_val_loader", "sample_seed", "prepare_codec"]
+__all__ = ["EpochSampler", "SeededDataset", "dataset_paths", "data_overrides", "build_dataset", "build_datasets",
+           "build_train_loader", "build_val_loader", "sample_seed", "fit_codec", "complete_config"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -138,29 +138,46 @@ def _ensure_synthetic(cfg: Config) -> None:
                           f"{missing}; set data.train_annotations/val_annotations or remove them")
 
 
-def build_dataset(cfg: Config, split: str, *, train_transforms: Optional[bool] = None):
-    """The CocoInstances of ``split`` with the transforms of ``build_transforms`` (train augmentation for
-    "train" unless ``train_transforms`` says otherwise). Raises ConfigError naming a missing path."""
+def data_overrides(dataset: str, data_root: str | Path = "", coco_root: str | Path = "") -> list[str]:
+    """Config overrides selecting the data: ``"synthetic"`` (scenes under ``data_root``, generated when
+    missing) or ``"coco"`` (COCO 2017 under ``coco_root``: train2017/, val2017/, annotations/); empty roots
+    keep the config's ``data.root``. Raises ConfigError for another ``dataset``."""
+    if dataset == "synthetic":
+        return ["data.dataset=synthetic"] + ([f"data.root={data_root}"] if str(data_root) else [])
+    if dataset == "coco":
+        return ["data.dataset=coco"] + ([f"data.root={coco_root}"] if str(coco_root) else [])
+    raise ConfigError(f"dataset must be 'synthetic' or 'coco', got {dataset!r}")
+
+
+def build_dataset(cfg: Config, split: str, *, transforms: str = "auto", max_images: Optional[int] = None):
+    """The CocoInstances of ``split`` ("train" | "val"), the one way every part of solq opens a dataset.
+
+    ``transforms``: "auto" (train augmentation for "train", the eval resize for "val"), "train", "eval", or
+    "none" (images and masks at their original size, bool masks: codec fitting, galleries, ground truth).
+    ``max_images`` None keeps ``data.max_images``. Synthetic scenes are generated when missing.
+    Raises ConfigError naming a missing path.
+    """
     from solq.data import CocoInstances, build_transforms
 
+    if transforms not in ("auto", "train", "eval", "none"):
+        raise ValueError(f"transforms must be auto, train, eval or none, got {transforms!r}")
     if cfg.data.dataset == "synthetic":
         _ensure_synthetic(cfg)
     images, ann = dataset_paths(cfg, split)
     for key, p in ((f"data.{split}_images", images), (f"data.{split}_annotations", ann)):
         if not p.exists():
             raise ConfigError(f"{key}: {p} does not exist (data.dataset={cfg.data.dataset}, data.root={cfg.data.root})")
-    train = split == "train" if train_transforms is None else train_transforms
-    return CocoInstances(str(images), str(ann), build_transforms(train, cfg.data), strict=cfg.data.strict,
-                         max_images=cfg.data.max_images)
+    if transforms == "none":
+        chain = None
+    else:
+        chain = build_transforms(transforms == "train" or (transforms == "auto" and split == "train"), cfg.data)
+    return CocoInstances(str(images), str(ann), chain, strict=cfg.data.strict,
+                         max_images=cfg.data.max_images if max_images is None else max_images)
 
 
 def build_datasets(cfg: Config) -> tuple:
-    """(train dataset, val dataset). Fills ``cfg.model.num_classes`` from the train set when it is 0."""
-    train_ds = build_dataset(cfg, "train")
-    val_ds = build_dataset(cfg, "val")
-    if cfg.model.num_classes == 0:
-        cfg.model.num_classes = int(train_ds.num_classes)
-    return train_ds, val_ds
+    """(train dataset, val dataset); the train set's ``num_classes`` goes into :func:`complete_config`."""
+    return build_dataset(cfg, "train"), build_dataset(cfg, "val")
 
 
 def build_train_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size: int = 1,
@@ -194,22 +211,23 @@ def build_val_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size
                       generator=torch.Generator().manual_seed(cfg.train.seed + rank))
 
 
-def prepare_codec(cfg: Config, codec, train_ds, output_dir: str | Path, *, max_masks: int = 4000) -> None:
-    """Fit a pca/sparse codec that has no ``codec.file`` on GT crops of the training set (un-augmented
-    images, masks cropped to their GT boxes at the codec resolution; at most ``max_masks``, drawn from the
-    images in dataset order). Rank 0 fits and saves ``output_dir/codec.pt``, every rank loads it, and
-    ``cfg.codec.file`` is set to it so checkpoints and evaluation find the same codec. No-op for codecs
-    without a fit (dct, flatten) or already fitted ones.
-    """
-    if getattr(codec, "is_fitted", True):
-        return
-    from solq.coding import crop_to_box
-    from solq.data import CocoInstances
+def fit_codec(cfg: Config, output_dir: str | Path, *, max_masks: int = 4000) -> tuple:
+    """The codec of ``cfg.codec``, ready to use: ``(codec, file)``.
 
+    A pca/sparse codec without ``codec.file`` is fitted on GT crops of the training set (un-augmented images,
+    masks cropped to their GT boxes at the codec resolution; at most ``max_masks``, drawn from the images in
+    dataset order): rank 0 fits and saves ``output_dir/codec.pt``, every rank loads it, and ``file`` is that
+    path, for the run's completed config (:func:`complete_config`) so checkpoints and evaluation find the
+    same codec. Codecs without a fit (dct, flatten) and already fitted ones come back with ``cfg.codec.file``.
+    """
+    from solq.coding import build_codec_from_config, crop_to_box
+
+    codec = build_codec_from_config(cfg.codec)
+    if codec.is_fitted:
+        return codec, cfg.codec.file
     path = Path(output_dir) / "codec.pt"
     if du.is_main_process() and not path.is_file():
-        raw = CocoInstances(str(train_ds.image_dir), str(train_ds.ann_file), strict=cfg.data.strict,
-                            max_images=cfg.data.max_images)
+        raw = build_dataset(cfg, "train", transforms="none")
         crops, count = [], 0
         for i in range(len(raw)):
             _, target = raw[i]
@@ -225,4 +243,15 @@ def prepare_codec(cfg: Config, codec, train_ds, output_dir: str | Path, *, max_m
         codec.save(path)
     du.barrier()
     codec.load(path)
-    cfg.codec.file = str(path)
+    return codec, str(path)
+
+
+def complete_config(cfg: Config, *, num_classes: int, codec_file: str) -> Config:
+    """A copy of ``cfg`` with what the run took from its data: ``model.num_classes`` (where it was 0) and
+    ``codec.file`` (a codec fitted by :func:`fit_codec`). The run saves this copy (config.yaml, checkpoints),
+    so evaluation rebuilds the same model; the caller's ``cfg`` stays as given."""
+    done = Config.from_dict(cfg.to_dict())
+    if done.model.num_classes == 0:
+        done.model.num_classes = int(num_classes)
+    done.codec.file = codec_file
+    return done

@@ -1,4 +1,4 @@
-"""Evaluation over a loader (reference §8): forward, post-process at the original size, COCO box/mask AP.
+"""Evaluation over a loader (as in the authors' release): forward, post-process at the original size, COCO box/mask AP.
 
 Each rank post-processes its share of the images and keeps masks as COCO RLE (compact, picklable); the
 predictions of all ranks are gathered with ``all_gather_object``, de-duplicated by image id (the val
@@ -6,7 +6,6 @@ sampler pads), scored on rank 0 with ``solq.evaluation.evaluate_coco`` and the m
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -17,32 +16,9 @@ from pycocotools import mask as mask_utils
 
 from solq.engine import distributed as du
 from solq.engine.logger import MeanMeter, progress
+from solq.engine.runtime import autocast, configure_runtime, to_float32
 
-__all__ = ["evaluate", "run_evaluation", "autocast", "to_float32", "weighted_total", "RLEMasks", "iou_types_for"]
-
-_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, amp: str = "none"):
-    """``torch.autocast`` for ``amp`` in {"none", "bf16", "fp16"} on ``device``'s type (a no-op for "none")."""
-    if amp == "none":
-        return contextlib.nullcontext()
-    if amp not in _AMP_DTYPES:
-        raise ValueError(f"train.amp: {amp!r} is not one of none, bf16, fp16")
-    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
-
-
-def to_float32(tree):
-    """Cast every floating tensor of a nested dict/list of model outputs to float32 (losses and
-    post-processing run in full precision after an autocast forward)."""
-    if isinstance(tree, torch.Tensor):
-        return tree.float() if tree.is_floating_point() and tree.dtype != torch.float32 else tree
-    if isinstance(tree, dict):
-        return {k: to_float32(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(to_float32(v) for v in tree)
-    return tree
-
+__all__ = ["evaluate", "run_evaluation", "weighted_total", "RLEMasks", "iou_types_for"]
 
 def weighted_total(loss_dict: dict, weight_dict: dict) -> tuple[torch.Tensor, dict]:
     """(sum_k loss[k] * weight[k], {k: weighted term}) over the keys of ``weight_dict`` present."""
@@ -50,9 +26,10 @@ def weighted_total(loss_dict: dict, weight_dict: dict) -> tuple[torch.Tensor, di
     return sum(terms.values()), terms
 
 
-def iou_types_for(mode: str, requested: Sequence[str]) -> tuple[str, ...]:
-    """The requested iou types the model can be scored on (no "segm" for the box-only mode "det")."""
-    return tuple(t for t in requested if not (t == "segm" and mode == "det"))
+def iou_types_for(model: torch.nn.Module, requested: Sequence[str]) -> tuple[str, ...]:
+    """The requested iou types ``model`` can be scored on: no "segm" for a box-only model
+    (``model.predicts_masks`` False, mode det)."""
+    return tuple(t for t in requested if t != "segm" or model.predicts_masks)
 
 
 class RLEMasks:
@@ -165,7 +142,6 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
 
     from solq.engine.builders import build_dataset, build_val_loader
     from solq.engine.checkpoint import build_from_checkpoint
-    from solq.engine.train import configure_runtime
 
     created = not du.is_dist()
     cfg, model, criterion, postprocessor, _ = build_from_checkpoint(checkpoint, config=config, overrides=overrides)
@@ -178,7 +154,7 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
         loader = build_val_loader(val_ds, cfg, rank=info.rank, world_size=info.world_size,
                                   pin_memory=info.device.type == "cuda")
         metrics = evaluate(model, postprocessor, loader, val_ds.coco, device=info.device, amp=cfg.train.amp,
-                           iou_types=iou_types_for(cfg.model.mode, cfg.eval.iou_types),
+                           iou_types=iou_types_for(model, cfg.eval.iou_types),
                            boundary=cfg.eval.boundary, results_dir=dump_dir if info.is_main else None, progress_bar=progress_bar)
         if output_dir is not None and info.is_main:
             Path(output_dir).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Optimiser and schedule: AdamW with three parameter groups chosen by name substring (reference §1.3) and
+"""Optimiser and schedule: AdamW with three parameter groups chosen by name substring (as in the authors' release) and
 the learning-rate schedule: the release's StepLR stepped once per epoch (``train.lr_schedule=step``, no
 warm-up), or, stepped once per optimiser step, a linear warm-up over ``train.warmup_steps`` followed by the
 step decay or by a cosine decay to ``train.min_lr_ratio`` x lr at the last step (``cosine``).

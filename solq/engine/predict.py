@@ -10,15 +10,23 @@ from __future__ import annotations
 import glob
 import json
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from solq.engine.evaluate import autocast, to_float32
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
 
-__all__ = ["IMAGE_SUFFIXES", "COCO_NAMES", "expand_inputs", "predict"]
+from solq.data import build_transforms, collate
+from solq.engine.checkpoint import build_from_checkpoint
+from solq.engine.distributed import resolve_device
+from solq.engine.logger import progress
+from solq.engine.runtime import autocast, configure_runtime, to_float32
+from solq.evaluation import masks_to_rle
+
+__all__ = ["IMAGE_SUFFIXES", "COCO_NAMES", "expand_inputs", "empty_target", "predict_image", "predict"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -58,8 +66,6 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 def empty_target(h: int, w: int) -> dict:
     """The raw target of an image without annotations, so the evaluation transforms apply unchanged."""
-    from torchvision import tv_tensors
-
     return {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(h, w)),
             "masks": tv_tensors.Mask(torch.zeros(0, h, w, dtype=torch.uint8)),
             "labels": torch.zeros(0, dtype=torch.int64), "iscrowd": torch.zeros(0, dtype=torch.int64),
@@ -68,25 +74,41 @@ def empty_target(h: int, w: int) -> dict:
 
 
 @torch.no_grad()
+def predict_image(model: torch.nn.Module, postprocessor, transform, image: torch.Tensor, *, amp: str = "none",
+                  return_attention: bool = False) -> tuple[dict, dict]:
+    """Run ``model`` on one image: the single-image inference of ``solq predict`` and of ``solq.viz.Predictor``.
+
+    image: uint8 [3,H,W] (RGB, original size); ``transform``: the evaluation transforms
+    (``solq.data.build_transforms(False, cfg.data)``). The image is a batch of one, so the padded frame is
+    the image itself. Returns ``(result, outputs)``: the post-processed detections at the original size,
+    best first, on the model's device (``scores`` [K], ``labels`` [K], ``boxes`` [K,4] xyxy, ``query_index``
+    [K], ``masks`` bool [K,H,W] when ``model.predicts_masks``), and the network outputs (float32; with
+    ``return_attention`` the decoder's sampling locations and weights too).
+    """
+    dev = next(model.parameters()).device
+    h, w = image.shape[-2:]
+    tensor, target = transform(tv_tensors.Image(image), empty_target(h, w))
+    batch = collate([(tensor, target)]).to(dev)
+    with autocast(dev, amp):
+        outputs = model(batch.images, batch.mask, **({"return_attention": True} if return_attention else {}))
+    outputs = to_float32(outputs)
+    result = postprocessor(outputs, torch.tensor([[h, w]], device=dev), with_masks=model.predicts_masks,
+                           input_sizes=target["size"][None].to(dev))[0]
+    return result, outputs
+
+
+@torch.no_grad()
 def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | Path = "predictions",
             score_threshold: float = 0.4, device: str = "cpu", config: Optional[str] = None,
-            overrides: Sequence[str] = (), overlays: bool = True, progress_bar: bool = True) -> dict:
+            overrides: Sequence[str] = (), draw: Optional[Callable[..., np.ndarray]] = None,
+            progress_bar: bool = True) -> dict:
     """Run ``checkpoint`` (solq or release) on ``inputs`` (files, folders, globs).
 
-    Keeps detections with score >= ``score_threshold`` (both in the overlays and in the JSON).
+    Keeps detections with score >= ``score_threshold`` (both in the overlays and in the JSON). ``draw``, when
+    given, makes each overlay: ``draw(rgb uint8 [H,W,3], detections {boxes, labels, scores, masks}, names)
+    -> uint8 [H,W,3]`` (``solq predict`` passes ``solq.viz.draw.overlay``; the engine draws nothing itself).
     Returns {"images": n, "detections": m, "predictions": path, "images_json": path, "output_dir": path}.
     """
-    from torchvision import tv_tensors
-    from torchvision.transforms.v2 import functional as F
-
-    from solq.data import build_transforms, collate
-    from solq.engine.checkpoint import build_from_checkpoint
-    from solq.engine.distributed import resolve_device
-    from solq.engine.logger import progress
-    from solq.engine.train import configure_runtime
-    from solq.evaluation import masks_to_rle
-    from solq.viz.draw import draw_instances
-
     paths = expand_inputs(inputs)
     dev = resolve_device(device)
     cfg, model, _, postprocessor, names = build_from_checkpoint(checkpoint, config=config, overrides=overrides,
@@ -97,7 +119,6 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results, images = [], []
-    with_masks = cfg.model.mode != "det"
     stems = [p.stem for p in paths]
     for image_id, path in enumerate(progress(paths, desc="predict", enabled=progress_bar), start=1):
         try:
@@ -105,12 +126,7 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
         except OSError as e:
             raise OSError(f"{path}: cannot read the image ({e})") from None
         w, h = pil.size
-        image, target = transform(tv_tensors.Image(F.pil_to_tensor(pil)), empty_target(h, w))
-        batch = collate([(image, target)]).to(dev)
-        with autocast(dev, cfg.train.amp):
-            outputs = model(batch.images, batch.mask)
-        res = postprocessor(to_float32(outputs), torch.tensor([[h, w]], device=dev), with_masks=with_masks,
-                            input_sizes=target["size"][None].to(dev))[0]
+        res, _ = predict_image(model, postprocessor, transform, F.pil_to_tensor(pil), amp=cfg.train.amp)
         keep = res["scores"] >= score_threshold
         scores, labels = res["scores"][keep].cpu().numpy(), res["labels"][keep].cpu().numpy()
         boxes = res["boxes"][keep].cpu().numpy()
@@ -124,11 +140,10 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
             results.append(entry)
         overlay = f"{path.stem}.png" if stems.count(path.stem) == 1 else f"{image_id:04d}_{path.stem}.png"
         images.append({"id": image_id, "file_name": str(path), "height": h, "width": w,
-                       **({"overlay": overlay} if overlays else {})})
-        if overlays:
-            drawn = draw_instances(np.asarray(pil), {"boxes": boxes, "labels": labels, "scores": scores,
-                                                     "masks": masks}, category_names=names)
-            Image.fromarray(drawn.image).save(out / overlay)
+                       **({"overlay": overlay} if draw is not None else {})})
+        if draw is not None:
+            detections = {"boxes": boxes, "labels": labels, "scores": scores, "masks": masks}
+            Image.fromarray(draw(np.asarray(pil), detections, names)).save(out / overlay)
     pred_path, img_path = out / "predictions.json", out / "images.json"
     pred_path.write_text(json.dumps(results))
     img_path.write_text(json.dumps({"images": images, "categories": [{"id": int(k), "name": v}

@@ -18,7 +18,6 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ from solq.data import collate
 from solq.engine.builders import EpochSampler, SeededDataset, build_dataset
 from solq.engine.logger import progress
 from solq.engine.optim import lr_factor
-from solq.engine.train import seed_everything
+from solq.engine.runtime import seed_everything
 from solq.models.backbone import Backbone
 
 __all__ = ["SegmentationHead", "semantic_targets", "instance_targets", "pretrain_backbone", "segmentation_scores"]

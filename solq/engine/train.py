@@ -1,6 +1,6 @@
 """The training loop: ``train_one_epoch`` (one pass over a loader) and ``fit`` (a whole run from a Config).
 
-Recipe (reference §1.3): AdamW with per-group learning rates, StepLR per epoch, gradient clipping with the
+Recipe (as in the authors' release): AdamW with per-group learning rates, StepLR per epoch, gradient clipping with the
 total norm logged, optional gradient accumulation and mixed precision (bf16, or fp16 with a GradScaler).
 A non-finite loss stops the run with :class:`NonFiniteLossError` before anything is written, so the last
 checkpoint stays the last good one. See ``solq.engine.builders`` for why runs are reproducible and resumable.
@@ -10,15 +10,12 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import random
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -26,10 +23,11 @@ from solq.config import Config
 from solq.engine import distributed as du
 from solq.engine.checkpoint import (FORMAT, LAST_NAME, CheckpointError, capture_rng_state, epoch_checkpoint_name,
                                     find_resume_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
-from solq.engine.evaluate import autocast, evaluate, iou_types_for, to_float32, weighted_total
+from solq.engine.evaluate import evaluate, iou_types_for, weighted_total
 from solq.engine.logger import MeanMeter, RunLogger, progress
+from solq.engine.runtime import autocast, configure_runtime, seed_everything, to_float32
 
-__all__ = ["TrainState", "NonFiniteLossError", "seed_everything", "configure_runtime", "train_one_epoch", "fit"]
+__all__ = ["TrainState", "NonFiniteLossError", "train_one_epoch", "fit"]
 
 
 @dataclass
@@ -48,26 +46,6 @@ class NonFiniteLossError(RuntimeError):
     def __init__(self, message: str, step: int, terms: dict):
         super().__init__(message)
         self.step, self.terms = step, terms
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch (all devices), numpy and ``random``."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    random.seed(seed)
-
-
-def configure_runtime(cfg: Config) -> None:
-    """Thread count, determinism switches and CPU memory retention from ``cfg.runtime``."""
-    if cfg.runtime.keep_freed_memory:
-        from solq.engine.allocator import retain_freed_memory
-        retain_freed_memory()
-    if cfg.runtime.num_threads > 0:
-        torch.set_num_threads(cfg.runtime.num_threads)
-    if cfg.runtime.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def _total_norm(params: list[torch.Tensor], clip_max_norm: float) -> torch.Tensor:
@@ -203,7 +181,9 @@ def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool 
     valid checkpoint there, a path from that file. ``save_every_steps`` > 0 also checkpoints every that
     many optimiser steps (mid-epoch; resuming from it is exact); None takes ``train.save_every_steps``.
 
-    Returns {"metrics": last evaluation, "epoch", "step", "output_dir", "checkpoint"}.
+    Returns {"metrics": last evaluation, "epoch", "step", "output_dir", "checkpoint", "num_classes" (taken from
+    the data when ``model.num_classes`` is 0), "codec_file" (a codec fitted for this run, else the config's)};
+    ``cfg`` itself is not changed: the run's completed copy is saved as ``config.yaml``.
     """
     if save_every_steps is None:
         save_every_steps = cfg.train.save_every_steps
@@ -217,7 +197,8 @@ def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool 
 
 
 def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bool, tensorboard: bool) -> dict:
-    from solq.engine.builders import build_datasets, build_train_loader, build_val_loader, prepare_codec
+    from solq.engine.builders import (build_datasets, build_train_loader, build_val_loader, complete_config,
+                                      fit_codec)
     from solq.engine.optim import build_optimizer, build_scheduler
     from solq.models import build_model
 
@@ -229,9 +210,10 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
     out = Path(cfg.runtime.output_dir)
     resume = _resume_source(cfg.runtime.resume, out)
     train_ds, val_ds = build_datasets(cfg)
+    codec, codec_file = fit_codec(cfg, out)
+    cfg = complete_config(cfg, num_classes=train_ds.num_classes, codec_file=codec_file)  # the run's own copy
     seed_everything(t.seed)  # same initial weights on every rank
-    model, criterion, postprocessor = build_model(cfg)
-    prepare_codec(cfg, getattr(criterion, "codec", None), train_ds, out)
+    model, criterion, postprocessor = build_model(cfg, codec=codec)
     model.to(device)
     criterion.to(device)
     optimizer = build_optimizer(cfg, model)
@@ -257,7 +239,7 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=bool(unused))
     categories = {int(k): str(v) for k, v in train_ds.category_names.items()}
-    iou_types = iou_types_for(cfg.model.mode, cfg.eval.iou_types)
+    iou_types = iou_types_for(bare, cfg.eval.iou_types)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
@@ -327,7 +309,7 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
     logger.log({"type": "end", "epoch": state.epoch, "step": state.step})
     logger.close()
     return {"metrics": metrics, "epoch": state.epoch, "step": state.step, "output_dir": str(out),
-            "checkpoint": str(out / LAST_NAME)}
+            "checkpoint": str(out / LAST_NAME), "num_classes": cfg.model.num_classes, "codec_file": cfg.codec.file}
 
 
 def _load_training_state(ckpt: dict, path: Path, cfg: Config, info: du.DistInfo, model, optimizer, scheduler,

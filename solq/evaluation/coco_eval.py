@@ -1,4 +1,4 @@
-"""COCO box and mask evaluation with pycocotools (reference §6 "COCO conversion", §8).
+"""COCO box and mask evaluation with pycocotools (as in the authors' release).
 
 Predictions are per-image dicts ``{image_id, boxes [K,4] xyxy absolute, scores [K], labels [K] category ids,
 masks bool [K,H,W] at the original image size}`` (torch tensors or numpy arrays). They are converted to COCO

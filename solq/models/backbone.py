@@ -1,4 +1,4 @@
-"""CNN backbones returning C3-C5 and their padding masks: torchvision ResNets (reference §2.2) and a small
+"""CNN backbones returning C3-C5 and their padding masks: torchvision ResNets (as in the authors' release) and a small
 plain CNN for CPU-scale runs.
 
 State-dict names follow the release: the detector's ``backbone`` is a :class:`Joiner` whose item 0 is

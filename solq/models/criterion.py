@@ -1,4 +1,4 @@
-"""Set criterion: focal classification, L1 + GIoU boxes, mask-vector and mask losses (reference §4).
+"""Set criterion: focal classification, L1 + GIoU boxes, mask-vector and mask losses (as in the authors' release).
 
 For every decoder layer (the last one plus ``aux_outputs``, each matched independently) and, with
 two-stage, the encoder proposals, the criterion computes raw loss terms; ``criterion.weight_dict`` says
@@ -18,7 +18,7 @@ batch, averaged over processes, at least 1). The DCT vector loss is ``coef * mea
 matched pairs x coefficients (``vector_loss_norm="mean"``; with several processes the matched count
 is averaged over them, as num_boxes is, so 2 processes x 1 image equal 1 process x 2 images) or
 ``coef * sum |v_hat - v| / num_boxes`` ("num_boxes", the fast_solq variant). Codecs with ``loss_type == "mse_dice"`` (pca, flatten) use
-``coef * (sum (v_hat - v)^2 / num_boxes / dim + dice(decode(v_hat), crop))`` (§3.7). The coefficient is
+``coef * (sum (v_hat - v)^2 / num_boxes / dim + dice(decode(v_hat), crop))`` (the release's PCA variant). The coefficient is
 applied inside the term, so ``weight_dict["loss_vector"]`` is 1.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def dice_loss(probs: torch.Tensor, targets: torch.Tensor, *, squared: bool = Fal
     Args:
         probs, targets: [K, P] (flattened masks; probabilities and {0,1} targets).
         squared: use ``sum p^2 + sum t^2`` in the denominator and ``eps`` there only (the PCA variant,
-            reference §3.7); otherwise the DETR form with +eps on both sides.
+            the authors' release); otherwise the DETR form with +eps on both sides.
     Returns: scalar (not normalised).
     """
     inter = 2 * (probs * targets).sum(1)
@@ -239,7 +239,7 @@ class SetCriterion(nn.Module):
 
     # ---- individual losses -----------------------------------------------------------------------
     def loss_labels(self, outputs, targets, indices, num_boxes, gt, log=False):
-        """Sigmoid focal loss over all queries x classes, summed, / num_boxes (reference §4).
+        """Sigmoid focal loss over all queries x classes, summed, / num_boxes (as in the authors' release).
 
         With ``cls_loss="quality_focal"`` the matched (query, class) target is the IoU of the predicted and the
         ground-truth box instead of 1 (detached), with the quality focal loss of Li et al. (GFL, NeurIPS 2020):
@@ -302,7 +302,7 @@ class SetCriterion(nn.Module):
                 loss = F.l1_loss(src, tgt, reduction="sum") / (num_matched * src.shape[1])
             else:
                 loss = F.l1_loss(src, tgt, reduction="sum") / num_boxes
-        else:  # mse_dice: whitened-code MSE + dice on the decoded map (reference §3.7)
+        else:  # mse_dice: whitened-code MSE + dice on the decoded map (as in the authors' release)
             feat = F.mse_loss(src, tgt, reduction="sum") / num_boxes / src.shape[1]
             probs = self.codec.decode(src).flatten(1)
             crops = gt.crops(self.codec.resolution)[gidx].flatten(1)
@@ -389,7 +389,7 @@ class SetCriterion(nn.Module):
         if "enc_outputs" in outputs:
             enc = outputs["enc_outputs"]
             enc_gt = gt.repeated(self.enc_one2many_k) if self.enc_one2many_k > 1 else gt
-            # class-agnostic proposals: every GT is class 0 (reference §2.7)
+            # class-agnostic proposals: every GT is class 0 (as in the authors' release)
             enc_targets = [{**t, "labels": torch.zeros_like(t["labels"])} for t in enc_gt.targets]
             enc_boxes = num_boxes if enc_gt is gt else self.num_boxes(enc_targets, device)
             indices = self.matcher(enc, enc_targets)

@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention (reference §2.5, ``MSDeformAttn``) with swappable sampling backends.
+"""Multi-scale deformable attention (Deformable DETR's ``MSDeformAttn``) with swappable sampling backends.
 
 A backend is a function ``(value, spatial_shapes, level_start_index, sampling_locations,
 attention_weights) -> output`` with the shapes of :func:`ms_deform_attn_reference`; it is chosen by name
@@ -14,40 +14,14 @@ import math
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .heads import upcast
 from .msda_fused import ms_deform_attn_fused
+from .msda_reference import ms_deform_attn_reference
 from .msda_triton import ms_deform_attn_auto, ms_deform_attn_triton
 
 __all__ = ["MSDeformAttn", "ms_deform_attn_reference", "BACKENDS", "get_backend"]
-
-
-def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-                             sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
-    """Pure-PyTorch sampling: bilinear, zeros outside, align_corners=False (pixel centres at (i+0.5)/W).
-
-    value: [B,S,M,Dh] with S = sum_l H_l*W_l (levels concatenated in order);
-    spatial_shapes: int64 [L,2] (H_l, W_l); level_start_index: int64 [L] (unused here, part of the backend
-    signature); sampling_locations: [B,Q,M,L,P,2] normalised (x, y) in [0,1]; attention_weights:
-    [B,Q,M,L,P]. Returns [B,Q,M*Dh] (head m in channels m*Dh:(m+1)*Dh).
-    """
-    B, S, M, Dh = value.shape
-    _, Q, _, L, P, _ = sampling_locations.shape
-    shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
-    out = None
-    for lvl, (h, w) in enumerate(shapes):
-        v = values[lvl].permute(0, 2, 3, 1).reshape(B * M, Dh, h, w)
-        g = grids[:, :, :, lvl].transpose(1, 2).reshape(B * M, Q, P, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # [BM,Dh,Q,P]
-        a = attention_weights[:, :, :, lvl].transpose(1, 2).reshape(B * M, Q, P, 1)
-        # weighted sum over points as a batched mat-vec: [BM,Q,Dh,P] @ [BM,Q,P,1] -> [BM,Q,Dh,1]
-        part = torch.matmul(sampled.transpose(1, 2), a)
-        out = part if out is None else out + part
-    return out.view(B, M, Q, Dh).transpose(1, 2).reshape(B, Q, M * Dh)
 
 
 # name -> sampling function. "auto" chooses per call: the Triton kernel for CUDA tensors when Triton works

@@ -1,4 +1,4 @@
-"""Small building blocks shared by the transformer and the detector heads (reference §2.5, §2.6)."""
+"""Small building blocks shared by the transformer and the detector heads (as in the authors' release)."""
 from __future__ import annotations
 
 import math

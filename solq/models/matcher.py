@@ -1,4 +1,4 @@
-"""Hungarian matching between predictions and ground truth (reference §5).
+"""Hungarian matching between predictions and ground truth (as in the authors' release).
 
 The cost of assigning query q to ground-truth object j is
 

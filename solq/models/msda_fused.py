@@ -1,6 +1,6 @@
 """Fused multi-scale deformable attention sampling in plain PyTorch (any device; the CPU fast path).
 
-Same signature and semantics as ``deformable_attention.ms_deform_attn_reference`` (reference §2.5): for each
+Same signature and semantics as ``msda_reference.ms_deform_attn_reference``: for each
 (b, q, m, l, p) sample level l of head m bilinearly at pixel coordinates (x*W_l - 0.5, y*H_l - 0.5), each of
 the 4 corner taps contributing only when it lies inside the map (zero padding, align_corners=False),
 multiply by the attention weight and sum over levels and points.
@@ -39,6 +39,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .msda_reference import ms_deform_attn_reference
 
 __all__ = ["ms_deform_attn_fused", "bilinear_points", "bilinear_taps", "bordered_table"]
 
@@ -326,7 +328,6 @@ def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor, leve
     if torch.compiler.is_compiling():
         # The bordered table's size depends on the values of spatial_shapes, which a traced graph cannot
         # have; the grid_sample formulation traces without data-dependent shapes and the compiler fuses it.
-        from .deformable_attention import ms_deform_attn_reference
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights)
     return _MSDeformAttnFused.apply(value, spatial_shapes, level_start_index, sampling_locations,

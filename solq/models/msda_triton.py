@@ -1,6 +1,6 @@
 """Multi-scale deformable attention as a Triton kernel (GPU; forward and backward, no build step).
 
-Same signature and semantics as ``deformable_attention.ms_deform_attn_reference`` (reference §2.5): for each
+Same signature and semantics as ``msda_reference.ms_deform_attn_reference``: for each
 (b, q, m, l, p) sample level l of head m bilinearly at pixel coordinates (x*W_l - 0.5, y*H_l - 0.5), each of
 the 4 corner taps contributing only when it lies inside the map (zero padding, align_corners=False),
 multiply by the attention weight and sum over levels and points.
@@ -23,6 +23,8 @@ import os
 from typing import Optional
 
 import torch
+
+from .msda_fused import ms_deform_attn_fused
 
 try:  # triton is optional: the module imports without it and reports why the backend is unavailable
     import triton
@@ -241,7 +243,6 @@ def triton_unavailable_reason() -> Optional[str]:
     if not torch.cuda.is_available():
         return "no CUDA device"
     try:
-        from .msda_fused import ms_deform_attn_fused
         gen = torch.Generator().manual_seed(0)
         cpu = (torch.randn(1, 19, 2, 8, generator=gen), torch.tensor([[3, 5], [2, 2]]), torch.tensor([0, 15]),
                torch.rand(1, 4, 2, 2, 2, 2, generator=gen) * 1.2 - 0.1, torch.rand(1, 4, 2, 2, 2, generator=gen))
@@ -269,6 +270,5 @@ def ms_deform_attn_auto(value: torch.Tensor, spatial_shapes: torch.Tensor, level
                         sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
     """The 'auto' backend policy: the Triton kernel for CUDA tensors when :func:`triton_available`, else
     the fused PyTorch path (``msda_fused.ms_deform_attn_fused``). Same arguments and result."""
-    from .msda_fused import ms_deform_attn_fused
     fn = ms_deform_attn_triton if value.is_cuda and triton_available() else ms_deform_attn_fused
     return fn(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)

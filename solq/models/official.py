@@ -1,4 +1,4 @@
-"""The authors' released checkpoints <-> our state dict (reference §2.11).
+"""The authors' released checkpoints <-> our state dict.
 
 Our module names equal the release's, so the mapping is near-identity. The differences:
 

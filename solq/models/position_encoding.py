@@ -1,4 +1,4 @@
-"""Sine position encoding of a padded feature map (reference §2.3, the Deformable-DETR variant)."""
+"""Sine position encoding of a padded feature map (the authors' release, the Deformable-DETR variant)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""From network outputs to per-image detections at the original image size (reference §6).
+"""From network outputs to per-image detections at the original image size (as in the authors' release).
 
 1. scores = sigmoid(logits); the top-k (100) of the flattened query x class scores per image, with no
    threshold and no NMS, so one query may appear with several labels; label = index % C is the category id.
@@ -8,9 +8,9 @@
    codec's rule (DCT: mid-range) and pasted into the *predicted* box at the original size with
    ``paste_in_image`` (bilinear, >= mask_threshold): one call per image, no per-mask loop. Codecs with
    ``loss_type == "mse_dice"`` (pca, flatten) paste their soft decoded map instead, as the release's PCA
-   variant does (§3.7).
+   variant does.
    masks (SQR, ``pred_masks`` logits): bilinear upsampling to the padded input size, crop to the image's
-   valid region, sigmoid > mask_threshold, nearest resize to the original size (§2.9).
+   valid region, sigmoid > mask_threshold, nearest resize to the original size.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class PostProcess(nn.Module):
                 for i, hw in enumerate(orig_sizes.tolist())]
 
     def _sqr_masks(self, mask_logits, query, orig_sizes, input_sizes) -> list[torch.Tensor]:
-        """SQR masks: list of bool [K,h,w] (reference §2.9 / DETR's segmentation postprocess)."""
+        """SQR masks: list of bool [K,h,w] (the authors' release / DETR's segmentation postprocess)."""
         B, K = query.shape
         sel = mask_logits.gather(1, query[..., None, None].expand(-1, -1, *mask_logits.shape[-2:]))
         if input_sizes is None:

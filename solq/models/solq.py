@@ -1,4 +1,4 @@
-"""The SOLQ detector: Deformable DETR whose queries also predict a mask vector (reference §2.4, §2.6, §2.8).
+"""The SOLQ detector: Deformable DETR whose queries also predict a mask vector (as in the authors' release).
 
 Mode ``uqr`` (SOLQ, unified query representation) adds one vector MLP shared by all decoder layers;
 mode ``det`` is plain Deformable DETR (no mask branch; the SQR baseline wraps it).
@@ -156,6 +156,11 @@ class SOLQ(nn.Module):
         labels = torch.where(flip, torch.randint_like(labels, self.num_classes), labels)
         query_pos = self.transformer.box_query_pos(inverse_sigmoid(noised))
         return query_pos, self.label_enc(labels), noised, n_max
+
+    @property
+    def predicts_masks(self) -> bool:
+        """Whether the outputs carry masks (mask vectors, mode uqr); a det model predicts boxes only."""
+        return self.mode == "uqr"
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor, *, return_intermediates: bool = False,
                 return_attention: bool = False, targets: Optional[list] = None) -> dict:

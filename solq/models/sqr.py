@@ -1,4 +1,4 @@
-"""The SQR baseline: Deformable DETR plus a separate mask branch (paper Fig. 1a, reference §2.9).
+"""The SQR baseline: Deformable DETR plus a separate mask branch (paper Fig. 1a, the authors' release).
 
 The detector (mode ``det``) runs unchanged; a mask branch turns its last-layer query embeddings into mask
 logits:
@@ -113,46 +113,27 @@ class SQRModel(nn.Module):
             returning ``hs``, ``memory``, ``memory_masks`` and ``features`` (see solq.models).
         freeze_detector: the paper's two-stage protocol: detector weights get ``requires_grad=False``,
             it runs under ``no_grad`` and stays in eval mode; only the mask branch trains.
-        hidden_dim: d; nheads: M of the attention map; feature_channels: channels of the backbone maps
-            the detector returns (finest first). Missing values are read from one probe forward pass
-            of the detector on a 128x128 zero image.
+        nheads: M of the attention map. The width d (``detector.hidden_dim``) and the channels of the backbone
+            maps the detector returns (``detector.backbone.num_channels``, finest first) are read from the
+            detector.
     """
 
-    def __init__(self, detector: nn.Module, *, freeze_detector: bool = False, hidden_dim: int | None = None,
-                 nheads: int = 8, feature_channels: list[int] | None = None):
+    predicts_masks = True
+
+    def __init__(self, detector: nn.Module, *, freeze_detector: bool = False, nheads: int = 8):
         super().__init__()
         self.detector = detector
         self.freeze_detector = freeze_detector
-        if hidden_dim is None or feature_channels is None:
-            probe_dim, probe_channels = self._probe(detector)
-            hidden_dim = hidden_dim or probe_dim
-            feature_channels = feature_channels or probe_channels
-        feature_channels = list(feature_channels)[-3:]  # C3..C5 (fewer for single-level models)
+        hidden_dim = detector.hidden_dim
+        feature_channels = list(detector.backbone.num_channels)[-3:]  # C3..C5 (fewer for single-level models)
         coarse_first = feature_channels[::-1]
-        # stride-2 3x3 reductions halving the channels (reference §2.9)
+        # stride-2 3x3 reductions halving the channels (the release's SQR mask branch)
         self.seg_input_proj = nn.ModuleList(nn.Conv2d(c, c // 2, 3, stride=2, padding=1) for c in coarse_first)
         self.attention = AttentionMap(hidden_dim, nheads)
         self.mask_head = MaskHead(hidden_dim + nheads, hidden_dim, [c // 2 for c in coarse_first])
         if freeze_detector:
             self.detector.requires_grad_(False)
             self.detector.eval()
-
-    @staticmethod
-    @torch.no_grad()
-    def _probe(detector: nn.Module) -> tuple[int, list[int]]:
-        param = next(detector.parameters())
-        was_training = detector.training
-        detector.eval()
-        try:
-            out = detector(torch.zeros(1, 3, 128, 128, device=param.device, dtype=param.dtype),
-                           torch.zeros(1, 128, 128, dtype=torch.bool, device=param.device),
-                           return_intermediates=True)
-        finally:
-            detector.train(was_training)
-        for key in _INTERMEDIATE_KEYS:
-            if key not in out:
-                raise KeyError(f"SQRModel: the detector's outputs lack '{key}' with return_intermediates=True")
-        return out["hs"].shape[-1], [f.shape[1] for f, _ in out["features"]]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -183,7 +164,5 @@ class SQRModel(nn.Module):
 
 def build_sqr(cfg, detector: nn.Module) -> SQRModel:
     """SQRModel around a mode-``det`` detector; ``cfg.model.sqr_frozen_detector`` selects the two-stage
-    protocol; width and heads from ``cfg.model``."""
-    backbone = getattr(detector, "backbone", None)
-    return SQRModel(detector, freeze_detector=cfg.model.sqr_frozen_detector, hidden_dim=cfg.model.hidden_dim,
-                    nheads=cfg.model.nheads, feature_channels=getattr(backbone, "num_channels", None))
+    protocol; the attention map's heads are ``cfg.model.nheads``."""
+    return SQRModel(detector, freeze_detector=cfg.model.sqr_frozen_detector, nheads=cfg.model.nheads)

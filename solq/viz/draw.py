@@ -20,7 +20,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 __all__ = ["PALETTE", "Drawn", "to_uint8_image", "denormalize", "as_numpy", "instance_colors", "select",
-           "select_or_top", "mask_edges", "blend_masks", "draw_instances", "label_text", "threshold_summary"]
+           "select_or_top", "mask_edges", "blend_masks", "draw_instances", "overlay", "label_text",
+           "threshold_summary"]
 
 
 def _make_palette(n: int = 24) -> np.ndarray:
@@ -374,3 +375,9 @@ def draw_instances(image: Any, instances: Optional[Mapping[str, Any]], *, score_
                                       draw_boxes=show_boxes)
     return Drawn(image=canvas, indices=idx, colors=colors, gt_indices=gt_idx, fallback=fell_back,
                  best_score=_best_score(instances))
+
+
+def overlay(image: np.ndarray, detections: Mapping[str, Any], names: Optional[Mapping[int, str]] = None) -> np.ndarray:
+    """uint8 [H,W,3] ``image`` with ``detections`` (boxes, labels, scores, optional masks) drawn on it: the
+    overlay files of ``solq predict`` (``solq.engine.predict.predict(draw=overlay)``)."""
+    return draw_instances(image, detections, category_names=names).image

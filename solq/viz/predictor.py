@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from solq.engine.predict import empty_target
+from solq.engine.builders import build_dataset, data_overrides
+from solq.engine.predict import COCO_NAMES, predict_image
 
 from .draw import as_numpy, to_uint8_image
 
@@ -85,21 +86,8 @@ class Predictor:
         cfg, model, _, postprocessor, names = build_from_checkpoint(path, config=config, overrides=overrides,
                                                                     device=device)
         if not names and cfg.model.num_classes == 91:
-            from solq.engine.predict import COCO_NAMES
-
             names = COCO_NAMES
         return cls(model, postprocessor, cfg, category_names=names, device=device, name=name)
-
-    def prepare(self, image: Any) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Raw image (path, PIL, uint8 [H,W,3], float [3,H,W] in [0,1]) -> (normalised float [3,h,w] of
-        the evaluation transforms, original (H, W))."""
-        from torchvision import tv_tensors
-
-        rgb = image_of(image)
-        h, w = rgb.shape[:2]
-        tensor = tv_tensors.Image(torch.from_numpy(rgb).permute(2, 0, 1).contiguous())
-        out, _ = self.transform(tensor, empty_target(h, w))
-        return out, (h, w)
 
     @torch.no_grad()
     def __call__(self, image: Any, *, return_attention: bool = False) -> dict:
@@ -113,13 +101,11 @@ class Predictor:
         when others are boxes), ``layer_boxes`` [L,Q,4] (normalised
         cx, cy, w, h predicted by each layer), ``layer_scores`` [L,Q] (best class probability per layer)}.
         """
-        tensor, (h, w) = self.prepare(image)
-        images = tensor[None].to(self.device)
-        mask = torch.zeros(1, *tensor.shape[-2:], dtype=torch.bool, device=self.device)
-        outputs = self.model(images, mask, return_attention=return_attention)
-        res = self.postprocessor(outputs, torch.tensor([[h, w]], device=self.device),
-                                 with_masks=self.mode != "det",
-                                 input_sizes=torch.tensor([list(tensor.shape[-2:])], device=self.device))[0]
+        rgb = image_of(image)
+        h, w = rgb.shape[:2]
+        res, outputs = predict_image(self.model, self.postprocessor, self.transform,
+                                     torch.from_numpy(rgb).permute(2, 0, 1).contiguous(),
+                                     return_attention=return_attention)
         result = {k: as_numpy(v) for k, v in res.items()}
         result["masks"] = result["masks"].astype(bool) if "masks" in result else None
         result["image_size"] = (h, w)
@@ -184,24 +170,10 @@ def decoder_attention_arrays(outputs: Mapping[str, Any], batch_index: int = 0) -
 
 
 def raw_dataset(cfg, split: str = "val", *, max_images: Optional[int] = None):
-    """The CocoInstances of ``split`` without transforms (images and masks at the original size), from
-    the paths of ``cfg.data`` (the engine's defaults; synthetic scenes are generated when missing)."""
-    from solq.data import CocoInstances
-    from solq.engine.builders import dataset_paths
-
-    images, ann = dataset_paths(cfg, split)
-    if cfg.data.dataset == "synthetic" and not ann.is_file():
-        from solq.data.synthetic import generate
-
-        d = cfg.data
-        generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed,
-                 val_seed=d.synth_val_seed if d.synth_val_seed >= 0 else None)
-    for what, p in (("images", images), ("annotations", ann)):
-        if not p.exists():
-            raise FileNotFoundError(f"data.{split}_{what}: {p} does not exist (data.dataset={cfg.data.dataset}, "
-                                    f"data.root={cfg.data.root})")
-    limit = cfg.data.max_images if max_images is None else max_images
-    return CocoInstances(str(images), str(ann), strict=cfg.data.strict, max_images=limit)
+    """The CocoInstances of ``split`` without transforms (images and masks at the original size), from the
+    paths of ``cfg.data`` (``solq.engine.builders.build_dataset(..., transforms="none")``; synthetic scenes are
+    generated when missing). Raises ConfigError (a ValueError) naming a missing path."""
+    return build_dataset(cfg, split, transforms="none", max_images=max_images)
 
 
 def ground_truth(target: Mapping[str, Any]) -> dict:
@@ -213,16 +185,6 @@ def ground_truth(target: Mapping[str, Any]) -> dict:
     out["iscrowd"] = as_numpy(target["iscrowd"]).astype(np.int64) if "iscrowd" in target else \
         np.zeros(len(out["labels"]), np.int64)
     return out
-
-
-def data_overrides(dataset: str, data_root: str = "", coco_root: str = "") -> list[str]:
-    """Config overrides selecting the data of a notebook run: ``dataset`` "synthetic" (scenes in
-    ``data_root``, generated when missing) or "coco" (COCO 2017 under ``coco_root``)."""
-    if dataset == "synthetic":
-        return ["data.dataset=synthetic"] + ([f"data.root={data_root}"] if data_root else [])
-    if dataset == "coco":
-        return ["data.dataset=coco"] + ([f"data.root={coco_root}"] if coco_root else [])
-    raise ValueError(f"dataset must be 'synthetic' or 'coco', got {dataset!r}")
 
 
 def train_smoke_checkpoint(output_dir: str | Path, *, steps: int = 20, overrides: Sequence[str] = (),

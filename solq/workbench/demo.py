@@ -182,14 +182,11 @@ def ground_truth_as_predictions(coco) -> list[dict]:
     labels [K], masks bool [K,H,W]} as numpy."""
     import numpy as np
 
+    from solq.coding.study import image_ground_truth
+
     preds = []
     for image_id in coco.getImgIds():
-        info = coco.imgs[image_id]
-        anns = [a for a in coco.imgToAnns[image_id] if not a.get("iscrowd", 0)]
-        boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
-        masks = np.stack([coco.annToMask(a) for a in anns]).astype(bool) if anns else \
-            np.zeros((0, info["height"], info["width"]), bool)
-        preds.append({"image_id": image_id, "boxes": boxes, "scores": np.ones(len(anns)),
-                      "labels": np.array([a["category_id"] for a in anns], dtype=np.int64), "masks": masks})
+        gt = image_ground_truth(coco, image_id)
+        preds.append({"image_id": image_id, "boxes": gt["boxes"].numpy(), "scores": np.ones(len(gt["labels"])),
+                      "labels": gt["labels"].numpy(), "masks": gt["masks"].numpy()})
     return preds

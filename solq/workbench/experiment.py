@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from solq.config import Config, ConfigError, load_config
+from solq.engine.builders import data_overrides
 
 __all__ = ["FACTOR_KEYS", "TRAIN_KEYS", "training_schema", "config_or_error", "data_overrides",
            "parameter_overrides", "config_from_parameters", "TrainingRun", "train_and_evaluate", "flat_metrics",
@@ -86,16 +87,6 @@ def config_or_error(params: Mapping[str, Any], *, run_dir: str | Path, extra: Se
         return config_from_parameters(params, run_dir=run_dir, extra=extra)
     except ConfigError as e:
         raise ValueError(f"invalid notebook parameters: the config they make is invalid: {e}") from None
-
-
-def data_overrides(dataset: str, data_root: str | Path = "", coco_root: str | Path = "") -> list[str]:
-    """Config overrides selecting the data: ``"synthetic"`` (scenes under ``data_root``, generated when
-    missing) or ``"coco"`` (COCO 2017 under ``coco_root``: train2017/, val2017/, annotations/)."""
-    if dataset == "synthetic":
-        return ["data.dataset=synthetic"] + ([f"data.root={data_root}"] if str(data_root) else [])
-    if dataset == "coco":
-        return ["data.dataset=coco"] + ([f"data.root={coco_root}"] if str(coco_root) else [])
-    raise ConfigError(f"dataset must be 'synthetic' or 'coco', got {dataset!r}")
 
 
 def parameter_overrides(params: Mapping[str, Any]) -> list[str]:
