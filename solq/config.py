@@ -19,18 +19,16 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable
 
 import yaml
 
+from solq.config_values import ConfigError, coerce, from_mapping, read_yaml_mapping
+
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "CodecConfig", "LossConfig", "TrainConfig", "EvalConfig",
-    "RuntimeConfig", "ConfigError", "PRESETS", "load_config", "apply_overrides", "read_yaml_mapping",
+    "RuntimeConfig", "ConfigError", "PRESETS", "DEMO_STEPS", "load_config", "apply_overrides", "read_yaml_mapping",
 ]
-
-
-class ConfigError(ValueError):
-    """A config file, preset or override is wrong; the message names the key and the problem."""
 
 
 def _scales(lo: int, hi: int, step: int = 32) -> list[int]:
@@ -222,8 +220,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        return _from_dict(cls, d, "")
+        return from_mapping(cls, d, "")
 
+
+# optimiser steps of each model `solq demo` trains (smoke preset, SQR and UQR side by side), within 15 min
+DEMO_STEPS = 2000
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper-r50": {},
@@ -251,78 +252,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "runtime": {"device": "cpu"},
     },
 }
-
-
-def _from_dict(cls, d: dict, prefix: str):
-    if not isinstance(d, dict):
-        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(d).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ConfigError(f"unknown config key(s) {sorted(prefix + k for k in unknown)}; "
-                          f"valid keys under '{prefix or '.'}': {sorted(names)}")
-    obj = cls()
-    for k, v in d.items():
-        hint = hints[k]
-        if dataclasses.is_dataclass(hint):
-            setattr(obj, k, _from_dict(hint, v, f"{prefix}{k}."))
-        else:
-            setattr(obj, k, _coerce(v, hint, prefix + k))
-    return obj
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check ``value`` against the type ``hint``; convert YAML/CLI strings where it is unambiguous."""
-    origin = typing.get_origin(hint)
-    if origin is typing.Union:  # Optional[...]
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [
-                v for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if hint is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
 
 
 _CHOICES = {
@@ -404,7 +333,7 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
             parsed = raw
         if hints[name] is str and parsed is not None and not isinstance(parsed, str):
             parsed = raw  # keep e.g. "0.5" as written for string fields
-        setattr(sub, name, _coerce(parsed, hints[name], key))
+        setattr(sub, name, coerce(parsed, hints[name], key))
     return cfg
 
 
@@ -417,18 +346,6 @@ def _merge(cfg: Config, tree: dict) -> Config:
             raise ConfigError(f"config section {section!r}: expected a mapping")
         base[section].update(values)
     return Config.from_dict(base)
-
-
-def read_yaml_mapping(path: Path, error: type[Exception] = ConfigError, what: str = "a mapping") -> dict:
-    """The YAML mapping in ``path`` (empty file: {}); ``error`` naming the file when it is not valid YAML or
-    not a mapping (``what`` says what was expected)."""
-    try:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as e:
-        raise error(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(tree, dict):
-        raise error(f"{path}: expected {what}")
-    return tree
 
 
 def load_config(path_or_preset: str | Path | None = "smoke", overrides: Iterable[str] = ()) -> Config:

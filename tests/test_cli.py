@@ -72,6 +72,14 @@ def test_demo_rejects_a_step_count_below_one(bad, capsys):
     assert exit_info.value.code == 2 and "--steps" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", ["0", "two"])
+def test_run_rejects_a_job_count_below_one_before_running_anything(bad, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "experiments/table2_uqr_vs_sqr.yaml", "--jobs", bad])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--jobs" in err and "positive integer" in err
+
+
 def test_demo_help_names_steps_and_its_default(capsys):
     from solq.workbench.demo import DEMO_STEPS
 

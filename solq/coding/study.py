@@ -25,10 +25,13 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
+from solq.data import samples_dir
 from solq.data.coco import decode_masks
+from solq.evaluation import evaluate_coco
 
 from .base import Codec, build_codec
 from .geometry import crop_to_box, paste_in_image
+
 
 __all__ = ["resolve_coco", "load_coco", "image_ground_truth", "collect_crops", "fit_codec", "make_codec",
            "reconstruct", "mask_iou", "run_study", "reconstruction_study", "StudyResult", "comparison_settings",
@@ -57,8 +60,6 @@ def resolve_coco(dataset: str | Path, split: str = "val") -> tuple[Path, Path | 
         (annotation file, image folder or None when absent). Raises FileNotFoundError naming what is missing.
     """
     if str(dataset) == "samples":
-        from solq.data import samples_dir
-
         root = samples_dir()
         return root / "instances.json", root / "images"
     path = Path(dataset).expanduser()
@@ -250,8 +251,6 @@ def run_study(codecs: Mapping[str, Codec | None], coco: COCO, *, image_ids: Sequ
         charged to the first); plus ``num_images`` and ``num_instances``.
     """
     from tqdm.auto import tqdm
-
-    from solq.evaluation import evaluate_coco
 
     ids = _select_images(coco, image_ids, max_images)
     example_ids = _pick_examples(coco, ids, num_examples)

@@ -32,6 +32,10 @@ import torch
 
 from solq.config import Config
 from solq.engine.distributed import resolve_device
+from solq.engine.evaluate import weighted_total
+from solq.engine.optim import build_optimizer
+from solq.engine.runtime import configure_runtime
+from solq.models import build_model
 
 __all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "matmul_gflops", "timed_median",
            "benchmark", "bench_modes", "format_bench_table"]
@@ -192,12 +196,6 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     achieved_gflops_forward, machine_matmul_gflops, fps_with_postprocess, train_steps_per_s,
     peak_memory_*_mb, device, torch version.
     """
-    from solq.engine.optim import build_optimizer
-    from solq.engine.evaluate import weighted_total
-    from solq.models import build_model
-
-    from solq.engine.runtime import configure_runtime
-
     cfg = copy.deepcopy(cfg)
     configure_runtime(cfg)
     if cfg.model.num_classes == 0:

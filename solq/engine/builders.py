@@ -20,7 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from solq.coding import build_codec_from_config, crop_to_box
 from solq.config import Config, ConfigError
+from solq.data import CocoInstances, build_transforms, collate
+from solq.data.synthetic import generate
 from solq.engine import distributed as du
 
 __all__ = ["EpochSampler", "SeededDataset", "dataset_paths", "data_overrides", "build_dataset", "build_datasets",
@@ -126,8 +129,6 @@ def _ensure_synthetic(cfg: Config) -> None:
     if all(p.is_file() for p in needed):
         return
     if du.is_main_process():
-        from solq.data.synthetic import generate
-
         d = cfg.data
         generate(d.root, d.synth_num_train, d.synth_num_val, d.synth_image_size, d.synth_seed,
                  val_seed=d.synth_val_seed if d.synth_val_seed >= 0 else None)
@@ -157,8 +158,6 @@ def build_dataset(cfg: Config, split: str, *, transforms: str = "auto", max_imag
     ``max_images`` None keeps ``data.max_images``. Synthetic scenes are generated when missing.
     Raises ConfigError naming a missing path.
     """
-    from solq.data import CocoInstances, build_transforms
-
     if transforms not in ("auto", "train", "eval", "none"):
         raise ValueError(f"transforms must be auto, train, eval or none, got {transforms!r}")
     if cfg.data.dataset == "synthetic":
@@ -185,8 +184,6 @@ def build_train_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_si
     """Training loader: EpochSampler (shuffled, seeded by train.seed) + SeededDataset, per-process batch
     ``train.batch_size``, drop_last. Call ``loader.sampler.set_epoch(epoch, start)`` before each epoch.
     Batches are ``solq.data.Batch``."""
-    from solq.data import collate
-
     seed = cfg.train.seed
     sampler = EpochSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
     if len(sampler) < cfg.train.batch_size:
@@ -202,8 +199,6 @@ def build_val_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size
                      pin_memory: bool = False) -> DataLoader:
     """Evaluation loader: dataset order, padded so every rank runs the same number of batches of
     ``eval.batch_size`` (duplicates are dropped by image id when gathering)."""
-    from solq.data import collate
-
     sampler = EpochSampler(len(dataset), shuffle=False, rank=rank, world_size=world_size, pad=world_size > 1)
     return DataLoader(SeededDataset(dataset, cfg.train.seed), batch_size=cfg.eval.batch_size, sampler=sampler,
                       drop_last=False, num_workers=cfg.data.num_workers, collate_fn=collate,
@@ -220,8 +215,6 @@ def fit_codec(cfg: Config, output_dir: str | Path, *, max_masks: int = 4000) -> 
     path, for the run's completed config (:func:`complete_config`) so checkpoints and evaluation find the
     same codec. Codecs without a fit (dct, flatten) and already fitted ones come back with ``cfg.codec.file``.
     """
-    from solq.coding import build_codec_from_config, crop_to_box
-
     codec = build_codec_from_config(cfg.codec)
     if codec.is_fitted:
         return codec, cfg.codec.file

@@ -21,6 +21,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from solq.config import Config, DataConfig, RuntimeConfig, apply_overrides, load_config, validate
+from solq.models import build_model, pretrained
+from solq.models.official import OfficialCheckpointError, load_official_checkpoint
+
 __all__ = [
     "CheckpointError", "FORMAT", "LAST_NAME", "save_checkpoint", "load_checkpoint", "is_valid_checkpoint",
     "epoch_checkpoint_name", "list_checkpoints", "find_resume_checkpoint", "capture_rng_state",
@@ -172,8 +176,6 @@ def load_model_weights(path: str | Path, map_location: Any = "cpu") -> tuple[Opt
     files). For a release file the config comes from ``solq.models.official.load_official_checkpoint``
     (inferred from the tensor shapes) as a dict.
     """
-    from solq.models import pretrained
-
     path = pretrained.resolve(path)  # a shipped name, e.g. "smoke-uqr", becomes its file
     if not Path(path).is_file():
         raise CheckpointError(f"{path}: no such checkpoint file (nor one of the shipped names "
@@ -184,8 +186,6 @@ def load_model_weights(path: str | Path, map_location: Any = "cpu") -> tuple[Opt
         state, first_error = None, e
     if state is not None and "config" in state:
         return state["config"], state["model"], state
-    from solq.models.official import OfficialCheckpointError, load_official_checkpoint
-
     try:
         cfg, weights = load_official_checkpoint(str(path))
     except (OfficialCheckpointError, OSError) as e:
@@ -199,8 +199,6 @@ def save_weights_only(checkpoint: str | Path, destination: str | Path, *, extra:
     ``categories``, ``step``, ``code_version``, ``format`` and ``extra`` (e.g. measured metrics), no optimiser,
     scheduler or RNG states. ``clean_data_paths`` puts the data section's paths back to the defaults, so the
     file does not name folders of the machine that trained it. Written atomically; returns ``destination``."""
-    from solq.config import DataConfig, RuntimeConfig
-
     state = load_checkpoint(checkpoint)
     if "config" not in state or "model" not in state:
         raise CheckpointError(f"{checkpoint}: not a solq training checkpoint (no config/model)")
@@ -225,8 +223,6 @@ def config_for_checkpoint(saved: Optional[dict], config: Optional[str] = None, o
     for the ``model`` and ``codec`` sections, which must match the weights and come from the checkpoint.
     ``overrides`` ("a.b=c") are applied last. Returns a validated Config.
     """
-    from solq.config import Config, apply_overrides, load_config, validate
-
     stored = Config.from_dict(saved) if saved else None
     if config:
         cfg = load_config(config)
@@ -244,8 +240,6 @@ def build_from_checkpoint(path: str | Path, *, config: Optional[str] = None, ove
     Returns (cfg, model, criterion, postprocessor, categories) where categories is {id: name} as stored
     in a solq checkpoint ({} for release files).
     """
-    from solq.models import build_model
-
     saved, weights, state = load_model_weights(path)
     cfg = config_for_checkpoint(saved, config, overrides)
     model, criterion, postprocessor = build_model(cfg, initial_weights=False)  # the checkpoint has every weight

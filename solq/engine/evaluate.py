@@ -15,8 +15,11 @@ import torch
 from pycocotools import mask as mask_utils
 
 from solq.engine import distributed as du
+from solq.engine.builders import build_dataset, build_val_loader
+from solq.engine.checkpoint import build_from_checkpoint
 from solq.engine.logger import MeanMeter, progress
 from solq.engine.runtime import autocast, configure_runtime, to_float32
+from solq.evaluation import evaluate_boundary_ap, evaluate_coco, masks_to_rle
 
 __all__ = ["evaluate", "run_evaluation", "weighted_total", "RLEMasks", "iou_types_for"]
 
@@ -53,8 +56,6 @@ class RLEMasks:
 
 def _compact(result: dict, image_id: int) -> dict:
     """One post-processed image on the CPU in numpy, masks as RLEMasks."""
-    from solq.evaluation import masks_to_rle
-
     pred = {"image_id": image_id, "boxes": result["boxes"].float().cpu().numpy(),
             "scores": result["scores"].float().cpu().numpy(), "labels": result["labels"].cpu().numpy()}
     if "masks" in result:
@@ -84,8 +85,6 @@ def evaluate(model: torch.nn.Module, postprocessor, loader: Iterable, coco_gt, *
         ["loss": {...}]}
         (fractions in [0,1]); identical on every rank.
     """
-    from solq.evaluation import evaluate_boundary_ap, evaluate_coco
-
     model.eval()
     start = time.perf_counter()
     with_masks = "segm" in iou_types
@@ -139,9 +138,6 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
     ``dump_dir`` when given. Returns the metrics dict of :func:`evaluate`.
     """
     import json
-
-    from solq.engine.builders import build_dataset, build_val_loader
-    from solq.engine.checkpoint import build_from_checkpoint
 
     created = not du.is_dist()
     cfg, model, criterion, postprocessor, _ = build_from_checkpoint(checkpoint, config=config, overrides=overrides)

@@ -14,18 +14,24 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import solq
 from solq.config import Config
+from solq.data import collate
 from solq.engine import distributed as du
+from solq.engine.builders import (SeededDataset, build_datasets, build_train_loader, build_val_loader, complete_config,
+                                  fit_codec)
 from solq.engine.checkpoint import (FORMAT, LAST_NAME, CheckpointError, capture_rng_state, epoch_checkpoint_name,
                                     find_resume_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
 from solq.engine.evaluate import evaluate, iou_types_for, weighted_total
 from solq.engine.logger import MeanMeter, RunLogger, progress
+from solq.engine.optim import build_optimizer, build_scheduler
 from solq.engine.runtime import autocast, configure_runtime, seed_everything, to_float32
+from solq.models import build_model
 
 __all__ = ["TrainState", "NonFiniteLossError", "train_one_epoch", "fit"]
 
@@ -146,9 +152,6 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
 def _unused_parameters(model, criterion, dataset, device, seed: int, rank: int) -> list[str]:
     """Names of trainable parameters that get no gradient from one forward/backward on one training image
     (DDP needs ``find_unused_parameters`` exactly when this is not empty). RNG states are left untouched."""
-    from solq.data import collate
-    from solq.engine.builders import SeededDataset
-
     batch = collate([SeededDataset(dataset, seed)[(0, rank % len(dataset))]]).to(device)
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -196,14 +199,76 @@ def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool 
             du.cleanup()
 
 
+@dataclass
+class _Run:
+    """What one training run holds once built (:func:`_build_run`): the loop and the saving read it."""
+
+    cfg: Config  # the run's completed copy (num_classes, codec file)
+    info: du.DistInfo
+    out: Path
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    bare: torch.nn.Module  # the model itself (state dicts, evaluation)
+    criterion: torch.nn.Module
+    postprocessor: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    train_loader: Any
+    val_loader: Any
+    val_coco: Any
+    state: TrainState
+    logger: RunLogger
+    categories: dict
+    iou_types: tuple
+    started: float
+    progress_bar: bool
+
+    @property
+    def per_step_lr(self) -> bool:
+        return getattr(self.scheduler, "per_step", False)
+
+    def save(self, epoch_copy: bool) -> None:
+        """Checkpoint the current state (``checkpoint.pth``; also ``checkpoint_epochNNNN.pth`` when asked)."""
+        rngs = du.all_gather_object(capture_rng_state())  # every rank's RNG, so each resumes its own stream
+        if not self.info.is_main:
+            return
+        st, t = self.state, self.cfg.train
+        ckpt = {"format": FORMAT, "model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "lr_scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step,
+                "batch_size": t.batch_size, "world_size": self.info.world_size, "config": self.cfg.to_dict(),
+                "rng": rngs, "categories": self.categories, "code_version": solq.code_version()}
+        save_checkpoint(ckpt, self.out / LAST_NAME)
+        if epoch_copy:
+            save_checkpoint(ckpt, self.out / epoch_checkpoint_name(st.epoch))
+
+    def evaluate(self) -> dict:
+        """Score the model on the val set now; logged as an "eval" record."""
+        metrics = evaluate(self.bare, self.postprocessor, self.val_loader, self.val_coco, device=self.info.device,
+                           criterion=self.criterion, amp=self.cfg.train.amp, iou_types=self.iou_types,
+                           boundary=self.cfg.eval.boundary, progress_bar=self.progress_bar)
+        self.logger.log({"type": "eval", "epoch": self.state.epoch, "step": self.state.step,
+                         "elapsed_s": round(time.perf_counter() - self.started, 1), **metrics},
+                        step=self.state.step, tb_prefix="val/")
+        return metrics
+
+
 def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bool, tensorboard: bool) -> dict:
-    from solq.engine.builders import (build_datasets, build_train_loader, build_val_loader, complete_config,
-                                      fit_codec)
-    from solq.engine.optim import build_optimizer, build_scheduler
-    from solq.models import build_model
+    run = _build_run(cfg, info, progress_bar, tensorboard)
+    try:
+        metrics, evaluated_at = _train_epochs(run, save_every_steps)
+    except NonFiniteLossError as e:
+        last = run.out / LAST_NAME
+        note = (f"; the last good checkpoint {last} is left unchanged" if last.exists()
+                else "; no checkpoint was written")
+        run.logger.log({"type": "error", "epoch": run.state.epoch, "step": e.step, "error": str(e)})
+        run.logger.close()
+        raise NonFiniteLossError(str(e) + note, e.step, e.terms) from None
+    return _finish(run, metrics, evaluated_at)
 
-    import solq
 
+def _build_run(cfg: Config, info: du.DistInfo, progress_bar: bool, tensorboard: bool) -> _Run:
+    """Data, codec, model, optimiser, schedule and logger of a run, resumed when ``runtime.resume`` says so."""
     configure_runtime(cfg)
     started = time.perf_counter()
     device, t = info.device, cfg.train
@@ -220,9 +285,7 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
     pin = device.type == "cuda"
     train_loader = build_train_loader(train_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
     val_loader = build_val_loader(val_ds, cfg, rank=info.rank, world_size=info.world_size, pin_memory=pin)
-    steps_per_epoch = len(train_loader)
-    scheduler = build_scheduler(cfg, optimizer, -(-steps_per_epoch // t.accumulate))
-    per_step_lr = getattr(scheduler, "per_step", False)
+    scheduler = build_scheduler(cfg, optimizer, -(-len(train_loader) // t.accumulate))
     scaler = torch.amp.GradScaler(device.type, enabled=t.amp == "fp16")
     state = TrainState()
     if resume is not None:
@@ -235,11 +298,9 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
         unused = _unused_parameters(model, criterion, train_ds, device, t.seed, info.rank)
         if unused and info.is_main:
             warnings.warn(f"{len(unused)} trainable parameters get no gradient (DDP find_unused_parameters=True): "
-                          f"{unused[:5]}{' ...' if len(unused) > 5 else ''}", RuntimeWarning, stacklevel=2)
+                          f"{unused[:5]}{' ...' if len(unused) > 5 else ''}", RuntimeWarning, stacklevel=3)
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=bool(unused))
-    categories = {int(k): str(v) for k, v in train_ds.category_names.items()}
-    iou_types = iou_types_for(bare, cfg.eval.iou_types)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out / "config.yaml")
@@ -247,69 +308,60 @@ def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bo
     logger.log({"type": "start", "code_version": solq.code_version(), "world_size": info.world_size,
                 "device": str(device), "resumed_from": str(resume[0]) if resume else None,
                 "epoch": state.epoch, "step": state.step, "config": cfg.to_dict()})
+    return _Run(cfg=cfg, info=info, out=out, model=model, bare=bare, criterion=criterion,
+                postprocessor=postprocessor, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                train_loader=train_loader, val_loader=val_loader, val_coco=val_ds.coco, state=state, logger=logger,
+                categories={int(k): str(v) for k, v in train_ds.category_names.items()},
+                iou_types=iou_types_for(bare, cfg.eval.iou_types), started=started, progress_bar=progress_bar)
 
-    def save(epoch_copy: bool) -> None:
-        rngs = du.all_gather_object(capture_rng_state())  # every rank's RNG, so each resumes its own stream
-        if info.is_main:
-            ckpt = {"format": FORMAT, "model": bare.state_dict(), "optimizer": optimizer.state_dict(),
-                    "lr_scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "epoch": state.epoch, "batch_in_epoch": state.batch_in_epoch, "step": state.step,
-                    "batch_size": t.batch_size, "world_size": info.world_size, "config": cfg.to_dict(),
-                    "rng": rngs, "categories": categories, "code_version": solq.code_version()}
-            save_checkpoint(ckpt, out / LAST_NAME)
-            if epoch_copy:
-                save_checkpoint(ckpt, out / epoch_checkpoint_name(state.epoch))
+
+def _train_epochs(run: _Run, save_every_steps: int) -> tuple[dict, int]:
+    """Epochs until ``train.epochs`` or ``train.max_steps``, checkpointing and evaluating as configured.
+    Returns (the last evaluation's metrics, the step it was made at; -1 when none)."""
+    t, state = run.cfg.train, run.state
+    steps_per_epoch = len(run.train_loader)
 
     def on_step(s: TrainState) -> None:
         if save_every_steps > 0 and s.step % save_every_steps == 0 and s.batch_in_epoch < steps_per_epoch:
-            save(False)
-
-    def run_eval() -> dict:
-        metrics = evaluate(bare, postprocessor, val_loader, val_ds.coco, device=device, criterion=criterion,
-                           amp=t.amp, iou_types=iou_types, boundary=cfg.eval.boundary,
-                           progress_bar=progress_bar)
-        logger.log({"type": "eval", "epoch": state.epoch, "step": state.step,
-                    "elapsed_s": round(time.perf_counter() - started, 1), **metrics}, step=state.step,
-                   tb_prefix="val/")
-        return metrics
+            run.save(False)
 
     metrics: dict = {}
     evaluated_at = -1
-    try:
-        while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
-            train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * t.batch_size)
-            epoch_start = time.perf_counter()
-            means = train_one_epoch(model, criterion, train_loader, optimizer, device=device, state=state,
-                                    scaler=scaler, amp=t.amp, accumulate=t.accumulate,
-                                    clip_max_norm=t.clip_max_norm, max_steps=t.max_steps, logger=logger,
-                                    log_every=t.log_every, on_step=on_step, progress_bar=progress_bar,
-                                    scheduler=scheduler if per_step_lr else None)
-            if state.batch_in_epoch < steps_per_epoch:  # stopped by max_steps mid-epoch
-                save(False)
-                break
-            if not per_step_lr:
-                scheduler.step()
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-            logger.log({"type": "epoch", "epoch": state.epoch, "step": state.step, **means,
+    while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
+        run.train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * t.batch_size)
+        epoch_start = time.perf_counter()
+        means = train_one_epoch(run.model, run.criterion, run.train_loader, run.optimizer, device=run.info.device,
+                                state=state, scaler=run.scaler, amp=t.amp, accumulate=t.accumulate,
+                                clip_max_norm=t.clip_max_norm, max_steps=t.max_steps, logger=run.logger,
+                                log_every=t.log_every, on_step=on_step, progress_bar=run.progress_bar,
+                                scheduler=run.scheduler if run.per_step_lr else None)
+        if state.batch_in_epoch < steps_per_epoch:  # stopped by max_steps mid-epoch
+            run.save(False)
+            break
+        if not run.per_step_lr:
+            run.scheduler.step()
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+        run.logger.log({"type": "epoch", "epoch": state.epoch, "step": state.step, **means,
                         "epoch_time": time.perf_counter() - epoch_start}, step=state.step, tb_prefix="epoch/")
-            save(t.save_every > 0 and state.epoch % t.save_every == 0)
-            if t.eval_every > 0 and state.epoch % t.eval_every == 0 and state.epoch < t.epochs:
-                metrics, evaluated_at = run_eval(), state.step
-    except NonFiniteLossError as e:
-        last = out / LAST_NAME
-        note = (f"; the last good checkpoint {last} is left unchanged" if last.exists()
-                else "; no checkpoint was written")
-        logger.log({"type": "error", "epoch": state.epoch, "step": e.step, "error": str(e)})
-        logger.close()
-        raise NonFiniteLossError(str(e) + note, e.step, e.terms) from None
+        run.save(t.save_every > 0 and state.epoch % t.save_every == 0)
+        if t.eval_every > 0 and state.epoch % t.eval_every == 0 and state.epoch < t.epochs:
+            metrics, evaluated_at = run.evaluate(), state.step
+    return metrics, evaluated_at
+
+
+def _finish(run: _Run, metrics: dict, evaluated_at: int) -> dict:
+    """The final evaluation (unless the last epoch's is current), metrics.json, the "end" record; fit's result."""
+    state = run.state
     if evaluated_at != state.step:
-        metrics = run_eval()
-    if info.is_main:
-        (out / "metrics.json").write_text(json.dumps({"epoch": state.epoch, "step": state.step, **metrics}, indent=2))
-    logger.log({"type": "end", "epoch": state.epoch, "step": state.step})
-    logger.close()
-    return {"metrics": metrics, "epoch": state.epoch, "step": state.step, "output_dir": str(out),
-            "checkpoint": str(out / LAST_NAME), "num_classes": cfg.model.num_classes, "codec_file": cfg.codec.file}
+        metrics = run.evaluate()
+    if run.info.is_main:
+        (run.out / "metrics.json").write_text(
+            json.dumps({"epoch": state.epoch, "step": state.step, **metrics}, indent=2))
+    run.logger.log({"type": "end", "epoch": state.epoch, "step": state.step})
+    run.logger.close()
+    return {"metrics": metrics, "epoch": state.epoch, "step": state.step, "output_dir": str(run.out),
+            "checkpoint": str(run.out / LAST_NAME), "num_classes": run.cfg.model.num_classes,
+            "codec_file": run.cfg.codec.file}
 
 
 def _load_training_state(ckpt: dict, path: Path, cfg: Config, info: du.DistInfo, model, optimizer, scheduler,

@@ -12,11 +12,15 @@ from solq.config import ConfigError
 
 from . import pretrained
 from .backbone import Backbone, Joiner, load_backbone_weights
+from .criterion import build_criterion
 from .deformable_attention import BACKENDS, MSDeformAttn, get_backend, ms_deform_attn_reference
 from .heads import MLP, inverse_sigmoid
 from .position_encoding import PositionEmbeddingSine
+from .postprocess import build_postprocessor
 from .solq import SOLQ
+from .sqr import build_sqr
 from .transformer import DeformableTransformer
+
 
 __all__ = [
     "build_model", "build_detector", "SOLQ", "Backbone", "Joiner", "PositionEmbeddingSine",
@@ -68,9 +72,6 @@ def build_model(cfg, *, codec: Optional[Codec] = None, initial_weights: bool = T
     Raises ConfigError when ``cfg.model.num_classes`` is 0 (the engine takes it from the data) or when the
     codec is not the kind ``cfg.codec.name`` names.
     """
-    from .criterion import build_criterion
-    from .postprocess import build_postprocessor
-
     if cfg.model.num_classes < 1:
         raise ConfigError("model.num_classes is 0: set it (max category id + 1) or let the engine take it "
                           "from the dataset before building the model")
@@ -78,12 +79,7 @@ def build_model(cfg, *, codec: Optional[Codec] = None, initial_weights: bool = T
     if codec.name != cfg.codec.name:
         raise ConfigError(f"build_model: a {codec.name!r} codec was given but codec.name is {cfg.codec.name!r}")
     detector = build_detector(cfg, vector_dim=codec.dim, initial_weights=initial_weights)
-    if cfg.model.mode == "sqr":
-        from .sqr import build_sqr
-
-        model = build_sqr(cfg, detector)
-    else:
-        model = detector
+    model = build_sqr(cfg, detector) if cfg.model.mode == "sqr" else detector
     criterion = build_criterion(cfg, codec, cfg.model.num_classes)
     postprocessor = build_postprocessor(cfg, codec)
     return model, criterion, postprocessor

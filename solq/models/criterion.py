@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert, box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
+from solq.coding import crop_to_box
+
 from .matcher import HungarianMatcher, build_matcher
 
 __all__ = ["SetCriterion", "build_criterion", "LOSS_KEYS", "dice_loss"]
@@ -106,8 +108,6 @@ class _GroundTruth:
         if self._source is not None:
             return self._source[0].crops(size)[self._source[1]]
         if size not in self._crops:
-            from solq.coding import crop_to_box
-
             parts = []
             for t in self.targets:  # one batched crop per image (masks differ in size between images)
                 n = len(t["labels"])

@@ -23,6 +23,11 @@ from typing import Any, Mapping
 
 import torch
 
+from solq.config import Config, validate
+
+from . import build_detector
+
+
 __all__ = ["load_official_checkpoint", "to_official_state_dict", "OfficialCheckpointError"]
 
 # Top-level order of the release's SOLQ.state_dict() (used only to order the export).
@@ -163,10 +168,6 @@ def load_official_checkpoint(path_or_state_dict, *, nheads: int | None = None, r
     "mismatched", "problems"}. Unused, missing or mismatched keys and differing duplicates are warned about.
     Raises OfficialCheckpointError for refused or unrecognised files.
     """
-    from solq.config import Config, validate
-
-    from . import build_detector
-
     sd, args, name = _read(path_or_state_dict)
     fields, assumed = _infer_model(sd, args, name, nheads)
     cfg = Config()

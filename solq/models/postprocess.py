@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.ops import box_convert
 
+from solq.coding import paste_in_image
+
 __all__ = ["PostProcess", "build_postprocessor"]
 
 
@@ -88,8 +90,6 @@ class PostProcess(nn.Module):
 
     def _vector_masks(self, vectors, query, boxes, orig_sizes) -> list[torch.Tensor]:
         """Decode the selected vectors [B,K,n_k] once, then paste per image: list of bool [K,h,w]."""
-        from solq.coding import paste_in_image
-
         B, K = query.shape
         sel = vectors.float().gather(1, query[..., None].expand(-1, -1, vectors.shape[-1]))
         decoded = self.codec.decode(sel.flatten(0, 1))  # [B*K, N, N]

@@ -12,7 +12,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from solq.coding.dct import zigzag_order
+
 from .draw import as_numpy
+
 
 __all__ = ["code_positions", "coefficient_grid", "progressive_reconstructions", "reconstruction_iou",
            "plot_mask_code", "DEFAULT_STEPS"]
@@ -26,8 +29,6 @@ def code_positions(codec) -> np.ndarray:
         return as_numpy(codec.positions).astype(np.int64)
     if getattr(codec, "name", "") != "dct":
         raise ValueError(f"coefficient maps need a DCT codec, got {getattr(codec, 'name', type(codec).__name__)!r}")
-    from solq.coding.dct import zigzag_order
-
     return zigzag_order(codec.resolution)[: codec.dim]
 
 

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from solq.data.images import load_rgb
+
 __all__ = ["PALETTE", "Drawn", "to_uint8_image", "denormalize", "as_numpy", "instance_colors", "select",
            "select_or_top", "mask_edges", "blend_masks", "draw_instances", "overlay", "label_text",
            "threshold_summary"]
@@ -92,8 +94,6 @@ def to_uint8_image(image: Any) -> np.ndarray:
     Raises ValueError naming the shape or range that is wrong.
     """
     if isinstance(image, (str, Path)):
-        from solq.data.images import load_rgb
-
         return np.asarray(load_rgb(image)[0])
     if hasattr(image, "convert") and hasattr(image, "size") and not hasattr(image, "shape"):  # PIL
         return np.asarray(image.convert("RGB"))

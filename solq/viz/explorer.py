@@ -21,8 +21,11 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from solq.engine.predict import expand_inputs
+
 from .attention import attention_points, query_detection, top_queries
 from .draw import as_numpy, draw_instances, instance_colors, threshold_summary, to_uint8_image
+from .predictor import Predictor, ground_truth
 
 __all__ = ["Explorer"]
 
@@ -75,8 +78,6 @@ class Explorer:
             ids = getattr(dataset, "ids", list(range(len(dataset))))
             self._sources += [(f"val #{i} (image id {ids[i]})", i) for i in range(len(dataset))]
         if folder is not None:
-            from solq.engine.predict import expand_inputs
-
             files = expand_inputs([folder] if isinstance(folder, (str, Path)) else [str(f) for f in folder])
             self._sources += [(p.name, p) for p in files]
         if not self._sources:
@@ -121,8 +122,6 @@ class Explorer:
         """The predictor of the selected checkpoint (loaded on first use)."""
         name = self.checkpoint.value
         if name not in self._predictors:
-            from .predictor import Predictor
-
             self._predictors[name] = Predictor.from_checkpoint(self._paths[name], device=self.device, name=name)
         return self._predictors[name]
 
@@ -134,8 +133,6 @@ class Explorer:
             if isinstance(src, Path):
                 self._image_cache = (index, (to_uint8_image(src), None))
             else:
-                from .predictor import ground_truth
-
                 image, target = self.dataset[src]
                 self._image_cache = (index, (to_uint8_image(image), ground_truth(target)))
         return self._image_cache[1]

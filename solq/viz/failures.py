@@ -1,22 +1,8 @@
 """Failure-case mining over a validation set (paper Fig. 6, Appendix A.5), with statistics and galleries.
 
-Per image, with the predictions above a score threshold and the non-crowd ground truth (mask IoUs from
-pycocotools on RLEs, no pixel loops):
-
-- ``missed``: a ground-truth object that no prediction (of any class) overlaps with mask IoU >= 0.5.
-  Severity 1 - best IoU.
-- ``merged``: one prediction covering >= ``cover_threshold`` of each of two or more ground-truth objects
-  (intersection over the object's area). Severity score x the second-largest coverage.
-- ``duplicate``: two predictions from different queries whose masks overlap with IoU >= ``duplicate_iou``.
-  When the two masks together cover (>= ``cover_threshold``) two or more objects, the pair is the
-  paper's "siamese" masks on overlapping objects. Severity min(score) x pair IoU.
-- ``wrong_class``: the highest-scoring prediction among those with mask IoU >= 0.5 to an object has
-  another category. Severity its score x IoU.
-- ``poor_boundary``: an object whose best same-class match (mask IoU >= 0.5) has Boundary IoU
-  (``solq.evaluation.boundary``) below ``boundary_threshold``. Severity 1 - boundary IoU.
-
-The occlusion of a ground-truth object is the fraction of its box covered by the other objects' masks;
-statistics are given per category and per occlusion bin.
+Per image, the rules of ``solq.viz.failure_kinds`` (missed, merged, duplicate, wrong class, poor boundary)
+over the predictions above a score threshold and the non-crowd ground truth; here they run over a whole set
+(``mine_failures``), give statistics per category and per occlusion bin, and draw galleries.
 
 Inputs: per-image prediction dicts ``{image_id, boxes [K,4] xyxy, scores [K], labels [K], masks}`` and
 ground-truth dicts ``{image_id, boxes [n,4] xyxy, labels [n], masks, iscrowd [n] (optional)}``; masks as
@@ -33,150 +19,15 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from .draw import as_numpy, draw_instances
-from .overlaps import OCCLUSION_BINS, as_rles, bin_labels, intersections, occlusion, occlusion_bin, pairwise_iou
+from .failure_kinds import KINDS, FailureCase, _name, mine_image
+from .overlaps import OCCLUSION_BINS, as_rles, bin_labels, occlusion, occlusion_bin, pairwise_iou
+from .predictor import ground_truth
 
 __all__ = ["KINDS", "OCCLUSION_BINS", "FailureCase", "FailureReport", "as_rles", "pairwise_iou", "occlusion",
            "occlusion_bin", "mine_image", "mine_failures", "failure_statistics", "format_statistics",
            "plot_statistics", "failure_gallery", "ground_truths_from_dataset"]
 
-KINDS = ("missed", "merged", "duplicate", "wrong_class", "poor_boundary")
-
-
 # ------------------------------------------------------------------------------------------- mining
-@dataclass
-class FailureCase:
-    """One failure. ``gt`` / ``pred``: positions in the image's ground truth / prediction arrays (the
-    predictions as given, before the score threshold). ``occlusion``: largest occlusion of the objects
-    involved (NaN when none). ``reason``: the text written on gallery panels."""
-
-    kind: str
-    image_id: int
-    severity: float
-    gt: tuple[int, ...]
-    pred: tuple[int, ...]
-    category_id: int
-    occlusion: float
-    reason: str
-    details: dict = field(default_factory=dict)
-
-
-def _name(names: Optional[Mapping[int, str]], cat: int) -> str:
-    return (names or {}).get(int(cat), f"class {int(cat)}")
-
-
-def mine_image(pred: Mapping[str, Any], gt: Mapping[str, Any], *, score_threshold: float = 0.3,
-               iou_threshold: float = 0.5, cover_threshold: float = 0.5, duplicate_iou: float = 0.7,
-               boundary_threshold: float = 0.5, dilation_ratio: float = 0.02,
-               category_names: Optional[Mapping[int, str]] = None) -> tuple[list[FailureCase], dict]:
-    """Failures of one image (see the module docstring for the rules).
-
-    Returns (cases, per-GT table) where the table holds numpy arrays over the non-crowd objects:
-    ``gt_index``, ``category_id``, ``area``, ``occlusion``, ``best_iou`` (any class), ``matched`` (a
-    same-class prediction with IoU >= iou_threshold) and one bool column per kind (object involved).
-    """
-    image_id = int(gt.get("image_id", pred.get("image_id", -1)))
-    g_labels = as_numpy(gt["labels"]).astype(np.int64).reshape(-1)
-    crowd = as_numpy(gt["iscrowd"]).astype(bool).reshape(-1) if gt.get("iscrowd") is not None else \
-        np.zeros(len(g_labels), bool)
-    g_keep = np.flatnonzero(~crowd)
-    g_rles_all = as_rles(gt["masks"])
-    g_rles = [g_rles_all[j] for j in g_keep]
-    g_labels = g_labels[g_keep]
-    g_boxes = as_numpy(gt["boxes"]).astype(np.float64).reshape(-1, 4)[g_keep]
-    g_area = np.asarray(mask_utils.area(g_rles), np.float64) if g_rles else np.zeros(0)
-
-    scores_all = as_numpy(pred["scores"]).astype(np.float64).reshape(-1)
-    p_keep = np.flatnonzero(scores_all >= score_threshold)
-    p_keep = p_keep[np.argsort(-scores_all[p_keep], kind="stable")]
-    p_rles_all = as_rles(pred.get("masks"))
-    if len(p_rles_all) != len(scores_all):
-        raise ValueError(f"image_id={image_id}: {len(scores_all)} prediction scores but {len(p_rles_all)} masks")
-    p_rles = [p_rles_all[i] for i in p_keep]
-    p_scores = scores_all[p_keep]
-    p_labels = as_numpy(pred["labels"]).astype(np.int64).reshape(-1)[p_keep]
-    p_query = (as_numpy(pred["query_index"]).astype(np.int64).reshape(-1)[p_keep]
-               if pred.get("query_index") is not None else p_keep)
-    p_area = np.asarray(mask_utils.area(p_rles), np.float64) if p_rles else np.zeros(0)
-
-    n, k = len(g_rles), len(p_rles)
-    iou = pairwise_iou(g_rles, p_rles)  # [n,k]
-    cover = intersections(iou, g_area, p_area) / np.maximum(g_area[:, None], 1)  # share of each object covered
-    occ = occlusion(mask_utils.decode(g_rles).transpose(2, 0, 1), g_boxes) if n else np.zeros(0)
-    same = g_labels[:, None] == p_labels[None, :]
-    good = iou >= iou_threshold
-    best_iou = iou.max(1) if k else np.zeros(n)
-    table = {"image_id": np.full(n, image_id), "gt_index": g_keep, "category_id": g_labels, "area": g_area,
-             "occlusion": occ, "best_iou": best_iou, "matched": (good & same).any(1)}
-    table.update({kind: np.zeros(n, bool) for kind in KINDS})
-    cases: list[FailureCase] = []
-
-    def case(kind, severity, gts, preds, cat, reason, **details):
-        gts = [int(j) for j in gts]
-        cases.append(FailureCase(kind, image_id, float(severity), tuple(int(g_keep[j]) for j in gts),
-                                 tuple(int(p_keep[i]) for i in preds), int(cat),
-                                 float(occ[gts].max()) if gts else math.nan, reason, details))
-        table[kind][gts] = True
-
-    for j in np.flatnonzero(best_iou < iou_threshold):  # missed
-        near = [int(np.argmax(iou[j]))] if k and best_iou[j] > 0 else []
-        case("missed", 1.0 - best_iou[j], [j], near, g_labels[j],
-             f"missed {_name(category_names, g_labels[j])}: best IoU {best_iou[j]:.2f}, "
-             f"{100 * occ[j]:.0f}% occluded", best_iou=float(best_iou[j]), area=float(g_area[j]))
-
-    for i in range(k):  # merged: one mask over several objects
-        covered = np.flatnonzero(cover[:, i] >= cover_threshold)
-        if len(covered) >= 2:
-            covered = covered[np.argsort(-cover[covered, i])]
-            parts = " + ".join(f"{_name(category_names, g_labels[j])} ({100 * cover[j, i]:.0f}%)" for j in covered)
-            case("merged", p_scores[i] * cover[covered[1], i], covered, [i], p_labels[i],
-                 f"merged: one {_name(category_names, p_labels[i])} mask ({p_scores[i]:.2f}) covers {parts}",
-                 coverage=[float(cover[j, i]) for j in covered], score=float(p_scores[i]))
-
-    if k >= 2:  # duplicates: different queries, overlapping masks
-        pp = pairwise_iou(p_rles, p_rles)
-        i1, i2 = np.nonzero(np.triu(pp >= duplicate_iou, 1) & (p_query[:, None] != p_query[None, :]))
-        owner = np.where(iou.max(0) > 0, iou.argmax(0), -1) if n else np.full(k, -1)
-        for a, b in zip(i1.tolist(), i2.tolist()):
-            under = np.flatnonzero(np.maximum(cover[:, a], cover[:, b]) >= cover_threshold) if n else []
-            siamese = len(under) >= 2  # the two masks lie over two or more objects
-            gts = sorted(int(j) for j in under) if len(under) else sorted({int(owner[a]), int(owner[b])} - {-1})
-            what = "siamese masks on 2 objects" if siamese else "duplicate masks"
-            case("duplicate", min(p_scores[a], p_scores[b]) * pp[a, b], gts, [a, b], p_labels[a],
-                 f"{what}: queries {p_query[a]} & {p_query[b]} ({p_scores[a]:.2f}, {p_scores[b]:.2f}), "
-                 f"mask IoU {pp[a, b]:.2f}", pair_iou=float(pp[a, b]), siamese=siamese)
-
-    matched_pairs = []
-    for j in np.flatnonzero(best_iou >= iou_threshold):
-        cands = np.flatnonzero(good[j])
-        top = cands[np.argmax(p_scores[cands])]  # what a viewer sees on this object
-        if p_labels[top] != g_labels[j]:
-            case("wrong_class", p_scores[top] * iou[j, top], [j], [top], g_labels[j],
-                 f"wrong class: {_name(category_names, p_labels[top])} {p_scores[top]:.2f} on a "
-                 f"{_name(category_names, g_labels[j])} (IoU {iou[j, top]:.2f})",
-                 predicted=int(p_labels[top]), iou=float(iou[j, top]),
-                 correct_also=bool((good[j] & same[j]).any()))
-        right = np.flatnonzero(good[j] & same[j])
-        if len(right):
-            matched_pairs.append((j, int(right[np.argmax(iou[j, right])])))
-
-    if matched_pairs:  # poor boundaries of correct detections
-        from solq.evaluation.boundary import boundary_iou
-
-        gj, pi = map(list, zip(*matched_pairs))
-        g_masks = mask_utils.decode([g_rles[j] for j in gj]).transpose(2, 0, 1).astype(bool)
-        p_masks = mask_utils.decode([p_rles[i] for i in pi]).transpose(2, 0, 1).astype(bool)
-        b_iou = np.diagonal(np.asarray(boundary_iou(g_masks, p_masks, dilation_ratio)))  # [dt,gt] -> pairs
-        table["boundary_iou"] = np.full(n, np.nan)
-        table["boundary_iou"][gj] = b_iou
-        for j, i, b in zip(gj, pi, b_iou.tolist()):
-            if b < boundary_threshold:
-                case("poor_boundary", 1.0 - b, [j], [i], g_labels[j],
-                     f"poor boundary on {_name(category_names, g_labels[j])}: boundary IoU {b:.2f} "
-                     f"(mask IoU {iou[j, i]:.2f})", boundary_iou=float(b), iou=float(iou[j, i]))
-    table.setdefault("boundary_iou", np.full(n, np.nan))
-    return cases, table
-
-
 @dataclass
 class FailureReport:
     """All failures of a set of images.
@@ -402,8 +253,6 @@ def failure_gallery(cases: Sequence[FailureCase], images: Any, predictions: Any,
 
 def ground_truths_from_dataset(dataset, indices: Optional[Iterable[int]] = None) -> list[dict]:
     """Ground-truth dicts (masks as COCO RLEs) of raw-dataset items (CocoInstances without transforms)."""
-    from .predictor import ground_truth
-
     out = []
     for i in (range(len(dataset)) if indices is None else indices):
         g = ground_truth(dataset[i][1])

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 from .draw import draw_instances, threshold_summary
+from .predictor import Predictor, ground_truth, raw_dataset
 
 __all__ = ["draw_gallery", "prediction_gallery"]
 
@@ -71,8 +72,6 @@ def prediction_gallery(checkpoint: str | Path, *, overrides: Sequence[str] = (),
     Returns (matplotlib Figure, rows) where rows[i] = {"image_id", "detections" (drawn, >= the threshold),
     "objects" (ground truth), "fallback" (below-threshold instances drawn instead)}.
     """
-    from .predictor import Predictor, ground_truth, raw_dataset
-
     predictor = Predictor.from_checkpoint(checkpoint, device=device, overrides=overrides)
     dataset = raw_dataset(predictor.cfg, "val", max_images=num_images)
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]

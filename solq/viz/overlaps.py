@@ -10,7 +10,10 @@ from typing import Any, Sequence
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from solq.evaluation import masks_to_rle
+
 from .draw import as_numpy
+
 
 __all__ = ["OCCLUSION_BINS", "as_rles", "pairwise_iou", "intersections", "occlusion", "occlusion_bin", "bin_labels"]
 
@@ -25,8 +28,6 @@ def as_rles(masks: Any) -> list[dict]:
         return list(masks.rles)
     if isinstance(masks, list) and (not masks or isinstance(masks[0], dict)):
         return masks
-    from solq.evaluation import masks_to_rle
-
     m = as_numpy(masks).astype(bool)
     if m.ndim != 3:
         raise ValueError(f"masks: expected [K,H,W], got shape {m.shape}")

@@ -15,10 +15,19 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from solq.config import load_config
+from solq.data import build_transforms
 from solq.engine.builders import build_dataset, data_overrides
+from solq.engine.checkpoint import LAST_NAME, build_from_checkpoint, list_checkpoints
+from solq.engine.evaluate import RLEMasks
+from solq.engine.logger import progress
 from solq.engine.predict import COCO_NAMES, predict_image
+from solq.engine.train import fit
+from solq.evaluation import masks_to_rle
+from solq.models import pretrained
 
 from .draw import as_numpy, to_uint8_image
+
 
 __all__ = ["Predictor", "resolve_checkpoint", "ground_truth", "raw_dataset", "image_of", "data_overrides",
            "train_smoke_checkpoint", "decoder_attention_arrays"]
@@ -29,9 +38,6 @@ def resolve_checkpoint(path: str | Path) -> Path:
     ``checkpoint*.pth``, else the same in the first subfolder holding one, e.g. an experiment point whose notebook
     trained into ``<point>/<run>/``), or the file of a shipped name (``smoke-uqr``, ``smoke-sqr``: see
     ``solq.models.pretrained``). Raises FileNotFoundError naming the path when there is none."""
-    from solq.engine.checkpoint import LAST_NAME, list_checkpoints
-    from solq.models import pretrained
-
     p = pretrained.resolve(path)
     if p.is_file():
         return p
@@ -65,8 +71,6 @@ class Predictor:
 
     def __init__(self, model: torch.nn.Module, postprocessor, cfg, *,
                  category_names: Optional[Mapping[int, str]] = None, device: Any = None, name: str = ""):
-        from solq.data import build_transforms
-
         self.model, self.postprocessor, self.cfg = model.eval(), postprocessor, cfg
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model.to(self.device)
@@ -80,8 +84,6 @@ class Predictor:
     def from_checkpoint(cls, checkpoint: str | Path, *, device: Any = "cpu", config: Optional[str] = None,
                         overrides: Sequence[str] = (), name: str = "") -> "Predictor":
         """Load a solq checkpoint, a run folder or an authors' release file (engine's loader)."""
-        from solq.engine.checkpoint import build_from_checkpoint
-
         path = resolve_checkpoint(checkpoint)
         cfg, model, _, postprocessor, names = build_from_checkpoint(path, config=config, overrides=overrides,
                                                                     device=device)
@@ -122,10 +124,6 @@ class Predictor:
         RLE-backed array, ``.rles`` holding COCO RLEs) keeping scores >= ``score_threshold``, in the
         format of ``solq.evaluation.evaluate_coco`` and ``solq.viz.failures.mine_failures``.
         """
-        from solq.engine.evaluate import RLEMasks
-        from solq.engine.logger import progress
-        from solq.evaluation import masks_to_rle
-
         indices = range(len(dataset)) if indices is None else list(indices)
         out = []
         for i in progress(indices, desc="predict", enabled=progress_bar):
@@ -193,9 +191,6 @@ def train_smoke_checkpoint(output_dir: str | Path, *, steps: int = 20, overrides
     notebook runs standalone without a checkpoint) and return the run folder. ``overrides`` ("a.b=c")
     come last (e.g. data paths, smaller sizes). A folder that already holds a finished run of the same
     config is reused."""
-    from solq.config import load_config
-    from solq.engine.train import fit
-
     out = Path(output_dir)
     cfg = load_config("smoke", [f"train.max_steps={int(steps)}", "train.epochs=1000", "train.eval_every=0",
                                 f"train.seed={int(seed)}", f"runtime.output_dir={out}", *overrides])

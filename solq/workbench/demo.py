@@ -27,17 +27,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping, Optional, Sequence
 
+from solq.coding.study import image_ground_truth
+from solq.config import DEMO_STEPS
+from solq.data import samples_dir
+from solq.data.synthetic import generate, is_up_to_date
+from solq.workbench.notebook import project_root
+from solq.workbench.report import build_report
+from solq.workbench.runner import PointResult, run_experiment
+
+
 __all__ = ["DEMO_STEPS", "demo_root", "run_demo", "ground_truth_as_predictions"]
 
-DEMO_STEPS = 2000  # optimiser steps of each demo model (batch 8 of 160-px inputs; the two side by side), within 15 min
 DEMO_VAL_SEED = 1  # the scored scenes come from a seed the training scenes do not use
 
 
 def demo_root() -> Path:
     """The project folder holding ``experiments/`` and ``notebooks/`` (the demo runs its notebooks).
     Raises FileNotFoundError when solq is installed without them (e.g. a wheel): run from a clone."""
-    from solq.workbench.notebook import project_root
-
     root = project_root(Path(__file__).resolve().parent)
     if not (root / "experiments").is_dir() or not (root / "notebooks").is_dir():
         raise FileNotFoundError(f"solq demo needs the project's experiments/ and notebooks/ folders, which are not "
@@ -115,11 +121,6 @@ def run_demo(out_dir: str | Path = "demo_output", *, steps: int = DEMO_STEPS, im
     Returns the path of ``out_dir/report/report.html``. Raises RuntimeError naming the failed parts (after
     the report is written) when every part failed.
     """
-    from solq.data import samples_dir
-    from solq.data.synthetic import generate, is_up_to_date
-    from solq.workbench.report import build_report
-    from solq.workbench.runner import PointResult, run_experiment
-
     start = time.perf_counter()
     root = demo_root()
     out = Path(out_dir).resolve()
@@ -181,8 +182,6 @@ def ground_truth_as_predictions(coco) -> list[dict]:
     check of the evaluation: they score AP 1). Returns dicts {image_id, boxes [K,4] xyxy, scores [K],
     labels [K], masks bool [K,H,W]} as numpy."""
     import numpy as np
-
-    from solq.coding.study import image_ground_truth
 
     preds = []
     for image_id in coco.getImgIds():

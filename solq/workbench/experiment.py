@@ -24,8 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from solq.config import Config, ConfigError, load_config
-from solq.engine.builders import data_overrides
+from solq.coding import build_codec_from_config
+from solq.coding.study import load_coco, reconstruction_study
+from solq.config import PRESETS, Config, ConfigError, load_config
+from solq.engine.builders import data_overrides, dataset_paths
+from solq.engine.checkpoint import config_for_checkpoint, load_model_weights
+from solq.engine.evaluate import run_evaluation
+from solq.engine.train import fit
+from solq.viz.gallery import prediction_gallery as draw
+from solq.viz.predictor import resolve_checkpoint
+from solq.workbench.notebook import Param, flatten_metrics, resolve_path
 
 __all__ = ["FACTOR_KEYS", "TRAIN_KEYS", "training_schema", "config_or_error", "data_overrides",
            "parameter_overrides", "config_from_parameters", "TrainingRun", "train_and_evaluate", "flat_metrics",
@@ -56,9 +64,6 @@ _METRIC_GROUPS = ("bbox", "segm", "boundary", "loss")
 def training_schema() -> dict:
     """The ``validate_parameters`` schema of the parameters every training notebook shares (scale, seed,
     preset, data, device, budget, processes, extra overrides, output folder)."""
-    from solq.config import PRESETS
-    from solq.workbench.notebook import Param
-
     return {
         "scale": ("smoke", "paper"),
         "seed": Param(int, min=0),
@@ -109,9 +114,6 @@ def config_from_parameters(params: Mapping[str, Any], *, run_dir: str | Path, ex
     (list of "a.b=c", applied last, after ``extra``). The run folder becomes ``runtime.output_dir`` with
     ``runtime.resume=auto``. Raises ConfigError naming the key at fault.
     """
-    from solq.config import PRESETS
-    from solq.workbench.notebook import resolve_path
-
     if "preset" not in params:
         raise ConfigError("notebook parameters: 'preset' is missing (e.g. smoke, paper-r50)")
     preset = params["preset"] if params["preset"] in PRESETS else str(resolve_path(params["preset"]))
@@ -137,8 +139,6 @@ class TrainingRun:
 def flat_metrics(engine_metrics: Mapping[str, Any]) -> dict:
     """The engine's evaluation dict -> flat keys: ``bbox/AP`` ... ``segm/...``, ``boundary/...``,
     ``loss/...`` (fractions and loss values), ``eval/num_images``, ``eval/seconds``."""
-    from solq.workbench.notebook import flatten_metrics
-
     out = flatten_metrics({k: v for k, v in engine_metrics.items() if k in _METRIC_GROUPS})
     if "num_images" in engine_metrics:
         out["eval/num_images"] = int(engine_metrics["num_images"])
@@ -211,8 +211,6 @@ def train_and_evaluate(cfg: Config, *, nproc_per_node: int = 1, progress_bar: bo
     re-evaluated when finished); one of another config is replaced.
     Returns a :class:`TrainingRun`.
     """
-    from solq.engine.train import fit
-
     if nproc_per_node < 1:
         raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     run_dir = Path(cfg.runtime.output_dir)
@@ -250,10 +248,6 @@ def evaluate_checkpoint(checkpoint: str | Path, *, overrides: Sequence[str] = ()
 
     Returns (flat metrics as :func:`flat_metrics`, the Config used).
     """
-    from solq.engine.checkpoint import config_for_checkpoint, load_model_weights
-    from solq.engine.evaluate import run_evaluation
-    from solq.viz.predictor import resolve_checkpoint
-
     path = resolve_checkpoint(checkpoint)
     extra = [*overrides, f"eval.boundary={'true' if boundary else 'false'}"]
     metrics = run_evaluation(path, overrides=extra, dump_dir=results_dir, progress_bar=progress_bar)
@@ -266,10 +260,6 @@ def codec_upper_bound(cfg: Config, *, max_images: int = 0) -> dict:
     paste(binarize(decode(encode(crop(mask))))) in its own box (``solq.coding.study``). Returns
     {"mask_iou", "mask_AP", ...} (fractions) for the codec of ``cfg`` (fitted pca/sparse loaded from
     ``cfg.codec.file``)."""
-    from solq.coding import build_codec_from_config
-    from solq.coding.study import load_coco, reconstruction_study
-    from solq.engine.builders import dataset_paths
-
     _, ann = dataset_paths(cfg, "val")
     codec = build_codec_from_config(cfg.codec)
     metrics = reconstruction_study(codec, load_coco(ann), max_images=max_images, progress=False)
@@ -278,6 +268,4 @@ def codec_upper_bound(cfg: Config, *, max_images: int = 0) -> dict:
 
 def prediction_gallery(checkpoint: str | Path, **kwargs):
     """:func:`solq.viz.gallery.prediction_gallery` (imported on call: matplotlib takes seconds to load)."""
-    from solq.viz.gallery import prediction_gallery as draw
-
     return draw(checkpoint, **kwargs)

@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from solq import code_version
+from solq.models import pretrained
+
 __all__ = ["Param", "validate_parameters", "flatten_metrics", "write_metrics", "save_figure", "set_seed",
            "checkpoint_path", "project_root", "resolve_path"]
 
@@ -201,8 +204,6 @@ def write_metrics(output_dir: str | Path, flat_metrics: Mapping[str, Any], confi
     ``segm/AP50``, ``bbox/APs`` ...; the factor under study under its parameter name.
     Written atomically (temporary file + rename). Returns the path.
     """
-    from solq import code_version
-
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     record = flatten_metrics(flat_metrics)
@@ -249,8 +250,6 @@ def resolve_path(path: str | Path) -> Path:
 def checkpoint_path(value: str | Path) -> Path:
     """A checkpoint parameter: a shipped name (``smoke-uqr``, ``smoke-sqr``) as its file, else a path as
     :func:`resolve_path` (a run folder or a .pth file)."""
-    from solq.models import pretrained
-
     return resolve_path(pretrained.resolve(value))  # a shipped file's path is absolute: kept as it is
 
 

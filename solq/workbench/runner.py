@@ -31,6 +31,8 @@ from typing import Iterable, Iterator
 
 import yaml
 
+from solq import code_version
+from solq.config_values import positive_int
 from solq.workbench.experiment_file import SCALES, Experiment, Point, load_experiment
 
 __all__ = ["PointResult", "ensure_kernel", "run_experiment", "add_run_arguments", "parse_overrides", "run_from_args",
@@ -145,8 +147,6 @@ def _failure_text(exp: Experiment, scale: str, point: Point, nb_out: Path, log: 
 def _run_point(exp: Experiment, scale: str, point: Point, out: Path, *, kernel_name: str,
                timeout: float | None) -> PointResult:
     import papermill
-    from solq import code_version
-
     out.mkdir(parents=True, exist_ok=True)
     for stale in (MARKER, "metrics.json", "failed.json"):
         (out / stale).unlink(missing_ok=True)
@@ -357,7 +357,7 @@ def add_run_arguments(parser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter (value parsed as YAML), e.g. --set coco_root=/data/coco")
     parser.add_argument("--force", action="store_true", help="rerun points that are already complete")
-    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+    parser.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                         help="run N points at once, each on cores/N threads (default 1)")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failing point")
     parser.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
