@@ -79,6 +79,10 @@ class CodecConfig:
     whiten: bool = True  # pca
     jitter: bool = False  # pca: logit-jittered targets (as the authors' release)
     sparse_alpha: float = 0.1  # sparse: Lasso penalty
+    # pca/sparse fitting, one sampler for training and the coding study (solq.coding.study.collect_crops):
+    # this many non-crowd training masks drawn at random with fit_seed; 0 = all of them (the release)
+    fit_max_masks: int = 20000
+    fit_seed: int = 0
 
 
 @dataclass

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from solq.data import samples_dir
+from solq.config import CodecConfig
 from solq.data.coco import decode_masks
 from solq.evaluation import evaluate_coco
 
@@ -45,6 +46,9 @@ DEFAULT_SPECS: dict[str, dict[str, Any]] = {
     "sparse": {"name": "sparse", "resolution": 128, "num_coeffs": 256},
     "flatten": {"name": "flatten"},
 }
+
+
+FIT_MAX_MASKS = CodecConfig.fit_max_masks  # one default for every codec fit (config: codec.fit_max_masks)
 
 
 # ---- data -----------------------------------------------------------------------------------------------
@@ -109,7 +113,7 @@ def _select_images(coco: COCO, image_ids: Sequence[int] | None, max_images: int)
 
 
 def collect_crops(coco: COCO, resolution: int, *, image_ids: Sequence[int] | None = None, max_images: int = 0,
-                  max_masks: int = 20000, seed: int = 0) -> torch.Tensor:
+                  max_masks: int = FIT_MAX_MASKS, seed: int = 0) -> torch.Tensor:
     """Non-crowd GT masks cropped to their boxes: bool [K,N,N] (N = resolution), for fitting codecs.
 
     At most ``max_masks`` annotations (drawn at random with ``seed``; 0 = all) are rasterised.
@@ -128,7 +132,7 @@ def collect_crops(coco: COCO, resolution: int, *, image_ids: Sequence[int] | Non
 
 
 def fit_codec(codec: Codec, coco: COCO, *, image_ids: Sequence[int] | None = None, max_images: int = 0,
-              max_masks: int = 20000, seed: int = 0) -> Codec:
+              max_masks: int = FIT_MAX_MASKS, seed: int = 0) -> Codec:
     """Fit a pca/sparse codec on the GT crops of ``coco`` (see ``collect_crops``); other codecs are returned as is."""
     if codec.requires_fit:
         crops = collect_crops(coco, codec.resolution, image_ids=image_ids, max_images=max_images,
@@ -138,7 +142,7 @@ def fit_codec(codec: Codec, coco: COCO, *, image_ids: Sequence[int] | None = Non
 
 
 def make_codec(spec: Codec | str | Mapping[str, Any] | None, *, fit_coco: COCO | None = None,
-               fit_max_images: int = 0, fit_max_masks: int = 20000, seed: int = 0) -> Codec | None:
+               fit_max_images: int = 0, fit_max_masks: int = FIT_MAX_MASKS, seed: int = 0) -> Codec | None:
     """A codec from a spec: a Codec, a name, or {"name": ..., **params}; None stays None (crop + paste only).
 
     Unfitted pca/sparse codecs are fitted on ``fit_coco`` (required for them).
@@ -304,7 +308,7 @@ def _new_example(gt: dict, i: int, image_id: int) -> dict:
 
 
 def reconstruction_study(codec: Codec | str | Mapping[str, Any] | None, coco: COCO, *,
-                         fit_coco: COCO | None = None, fit_max_images: int = 0, fit_max_masks: int = 20000,
+                         fit_coco: COCO | None = None, fit_max_images: int = 0, fit_max_masks: int = FIT_MAX_MASKS,
                          seed: int = 0, **kwargs) -> dict[str, float]:
     """The study for one codec (or spec, see ``make_codec``; unfitted pca/sparse are fitted on ``fit_coco``):
     flat metrics without the setting prefix (``mask_iou``, ``mask_AP``, ``mask_AP50``, ``mask_AP75``,
@@ -318,7 +322,7 @@ def reconstruction_study(codec: Codec | str | Mapping[str, Any] | None, coco: CO
 
 # ---- settings of the paper's tables and a text table ---------------------------------------------------------
 def comparison_settings(names: Sequence[str], *, fit_coco: COCO | None = None, fit_max_images: int = 0,
-                        fit_max_masks: int = 20000, seed: int = 0,
+                        fit_max_masks: int = FIT_MAX_MASKS, seed: int = 0,
                         baseline_resolution: int | None = 128) -> dict[str, Codec | None]:
     """Table 3a settings: {name: codec built from ``DEFAULT_SPECS[name]``, pca/sparse fitted on ``fit_coco``},
     plus "crop_paste" (no coding, crop at ``baseline_resolution``) first unless that is None."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from solq.coding import build_codec_from_config, crop_to_box
+from solq.coding import build_codec_from_config, study
 from solq.config import Config, ConfigError
 from solq.data import CocoInstances, build_transforms, collate
 from solq.data.synthetic import generate
@@ -206,33 +206,28 @@ def build_val_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size
                       generator=torch.Generator().manual_seed(cfg.train.seed + rank))
 
 
-def fit_codec(cfg: Config, output_dir: str | Path, *, max_masks: int = 4000) -> tuple:
+def fit_codec(cfg: Config, output_dir: str | Path) -> tuple:
     """The codec of ``cfg.codec``, ready to use: ``(codec, file)``.
 
-    A pca/sparse codec without ``codec.file`` is fitted on GT crops of the training set (un-augmented images,
-    masks cropped to their GT boxes at the codec resolution; at most ``max_masks``, drawn from the images in
-    dataset order): rank 0 fits and saves ``output_dir/codec.pt``, every rank loads it, and ``file`` is that
-    path, for the run's completed config (:func:`complete_config`) so checkpoints and evaluation find the
-    same codec. Codecs without a fit (dct, flatten) and already fitted ones come back with ``cfg.codec.file``.
+    A pca/sparse codec without ``codec.file`` is fitted on the non-crowd GT masks of the training set, cropped
+    to their boxes at the codec resolution: ``codec.fit_max_masks`` of them drawn at random with
+    ``codec.fit_seed`` (0 = all), by the sampler the coding study uses (``solq.coding.study.fit_codec``).
+    Rank 0 fits and saves ``output_dir/codec.pt``, every rank loads it, and ``file`` is that path, for the run's
+    completed config (:func:`complete_config`) so checkpoints and evaluation find the same codec. Codecs
+    without a fit (dct, flatten) and already fitted ones come back with ``cfg.codec.file``.
+    Raises ConfigError when the training set has fewer than 2 masks to fit on.
     """
     codec = build_codec_from_config(cfg.codec)
     if codec.is_fitted:
         return codec, cfg.codec.file
     path = Path(output_dir) / "codec.pt"
     if du.is_main_process() and not path.is_file():
-        raw = build_dataset(cfg, "train", transforms="none")
-        crops, count = [], 0
-        for i in range(len(raw)):
-            _, target = raw[i]
-            if len(target["labels"]):
-                boxes = target["boxes"].as_subclass(torch.Tensor)
-                crops.append(crop_to_box(target["masks"], boxes, codec.resolution).bool())
-                count += len(crops[-1])
-            if count >= max_masks:
-                break
-        if not count:
-            raise ConfigError(f"codec.name={cfg.codec.name}: no training masks to fit the codec on")
-        codec.fit(torch.cat(crops)[:max_masks].float())
+        train = build_dataset(cfg, "train", transforms="none")
+        try:
+            study.fit_codec(codec, train.coco, image_ids=train.ids, max_masks=cfg.codec.fit_max_masks,
+                            seed=cfg.codec.fit_seed)
+        except ValueError as e:  # fewer than 2 masks
+            raise ConfigError(f"codec.name={cfg.codec.name}: cannot fit the codec on {train.ann_file} ({e})") from None
         codec.save(path)
     du.barrier()
     codec.load(path)
