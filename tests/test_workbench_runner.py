@@ -378,3 +378,14 @@ def test_wait_for_point_states(tmp_path):
     (point / MARKER).unlink()
     (point / "failed.json").write_text("{}")
     assert wait_for_point(point, timeout_s=5) == "failed"
+
+
+def test_table3a_pca_point_codes_as_the_release_with_jittered_targets(tmp_path):
+    from solq.workbench.experiment import config_from_parameters
+    from solq.workbench.experiment_file import load_experiment
+
+    exp = load_experiment("experiments/table3a_mask_coding.yaml")
+    jitter = {(p.values["mode"], p.values["codec"]): config_from_parameters(p.parameters, run_dir=tmp_path).codec.jitter
+              for p in exp.points("smoke")}
+    assert jitter[("uqr", "pca")] is True  # the experiment says "PCA as the release": logit jitter + sigmoid
+    assert not any(v for k, v in jitter.items() if k != ("uqr", "pca"))

@@ -44,6 +44,7 @@ FACTOR_KEYS = {
     "mode": "model.mode",
     "backbone": "model.backbone",
     "codec": "codec.name",
+    "pca_jitter": "codec.jitter",
     "mask_resolution": "codec.resolution",
     "num_coeffs": "codec.num_coeffs",
     "vector_loss_coef": "loss.vector_loss_coef",
