@@ -177,7 +177,7 @@ def test_table2_smoke_against_r50_rows_and_paper_scale(built):
     smoke = _md_rows(md, "Table 2: UQR vs SQR", "smoke")
     assert smoke[0][:3] == ["method", "seg paper", "seg ours"]
     body = {r[0]: r for r in smoke[1:]}
-    assert body["D-DETR*+UQR"][1:5] == ["39.5", "9.0", "47.8", "30.0"]
+    assert body["D-DETR*+UQR"][1:5] == ["40.1", "9.0", "47.8", "30.0"]  # the val figure, not the printed 39.5
     assert body["D-DETR*+SQR"][1:3] == ["32.2", "5.0"] and body["D-DETR*"][1:3] == ["–", "–"]
     assert "Faster RCNN" in body and body["Faster RCNN"][4] == "–"  # paper context rows
     big = _md_rows(md, "Table 2: UQR vs SQR", "paper")
@@ -256,7 +256,7 @@ def test_results_notebook_through_papermill(runs, tmp_path):
     assert "code_version" in metrics
     outputs = [o for c in nbformat.read(nb_out, as_version=4).cells for o in c.get("outputs", [])]
     shown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
-    assert len(shown) == 1 and "| D-DETR*+UQR | 39.5 | 9.0 |" in "".join(shown)
+    assert len(shown) == 1 and "| D-DETR*+UQR | 40.1 | 9.0 |" in "".join(shown)
     assert sum("image/png" in o.get("data", {}) for o in outputs) == len(list((out / "figures").glob("*.png"))) > 0
     with pytest.raises(papermill.PapermillExecutionError, match="parameter 'scale': 'huge' is not one of"):
         papermill.execute_notebook(str(ROOT / "notebooks" / "results.ipynb"), str(tmp_path / "bad.ipynb"),
