@@ -4,8 +4,8 @@ Each subcommand parses its options here and calls one library function, so every
 line does is also reachable from Python and from the notebooks.
 
 Each subcommand imports its library function when it runs (the one place in solq that imports lazily for
-speed): ``solq --help`` and a mistyped option answer in 0.16 s instead of the 2.8 s that importing torch and
-the engine takes (measured on 2 cores).
+speed): ``solq --help`` and a mistyped option answer in 0.1 s instead of the 3.9 s that importing torch, the
+engine and the workbench takes (measured on 2 cores).
 """
 from __future__ import annotations
 

@@ -251,14 +251,14 @@ def test_a_pca_codec_is_fitted_by_the_studys_sampler_and_saved_for_the_run(tmp_p
 
     cfg = load_config("smoke", tiny_overrides(tmp_path / "data", tmp_path / "run", **{
         "codec.name": "pca", "codec.num_coeffs": 8, "codec.fit_max_masks": 12, "codec.fit_seed": 3}))
-    codec, file = fit_codec(cfg, tmp_path / "run")
+    train = build_dataset(cfg, "train", transforms="none")
+    codec, file = fit_codec(cfg, train, tmp_path / "run")
     assert file == str(tmp_path / "run" / "codec.pt") and Path(file).is_file()
     assert cfg.codec.file == "" and codec.is_fitted and codec.num_fit_samples == 12
-    train = build_dataset(cfg, "train", transforms="none")
     probe = study.collect_crops(train.coco, cfg.codec.resolution, max_masks=0).float()
     same = study.fit_codec(build_codec_from_config(cfg.codec), train.coco, image_ids=train.ids, max_masks=12, seed=3)
     torch.testing.assert_close(codec.encode(probe), same.encode(probe))  # the study's sampler and setting
     other = study.fit_codec(build_codec_from_config(cfg.codec), train.coco, image_ids=train.ids, max_masks=12, seed=4)
     assert not torch.allclose(codec.encode(probe), other.encode(probe), atol=1e-4)  # and the seed is used
-    again, _ = fit_codec(cfg, tmp_path / "run")  # a resumed run loads the saved fit
+    again, _ = fit_codec(cfg, train, tmp_path / "run")  # a resumed run loads the saved fit
     torch.testing.assert_close(again.encode(probe), codec.encode(probe))

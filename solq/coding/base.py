@@ -23,7 +23,7 @@ class Codec:
 
     Subclasses implement ``encode(masks [K,N,N]) -> [K,dim]`` and ``decode(vectors [K,dim]) -> [K,N,N]``.
     ``threshold`` picks the binarisation: "midrange" = strict ``> (max+min)/2`` per mask (the authors' release;
-    a constant map, which the reference turns into an empty mask, uses ``>= 0.5`` instead), "0.5" = ``>= 0.5``.
+    a constant map, which the release turns into an empty mask, uses ``>= 0.5`` instead), "0.5" = ``>= 0.5``.
     """
 
     name: str = "codec"

@@ -25,14 +25,13 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from solq.data import samples_dir
 from solq.config import CodecConfig
+from solq.data import samples_dir
 from solq.data.coco import decode_masks
 from solq.evaluation import evaluate_coco
 
 from .base import Codec, build_codec
 from .geometry import crop_to_box, paste_in_image
-
 
 __all__ = ["resolve_coco", "load_coco", "image_ground_truth", "collect_crops", "fit_codec", "make_codec",
            "reconstruct", "mask_iou", "run_study", "reconstruction_study", "StudyResult", "comparison_settings",

@@ -154,7 +154,7 @@ def build_dataset(cfg: Config, split: str, *, transforms: str = "auto", max_imag
     """The CocoInstances of ``split`` ("train" | "val"), the one way every part of solq opens a dataset.
 
     ``transforms``: "auto" (train augmentation for "train", the eval resize for "val"), "train", "eval", or
-    "none" (images and masks at their original size, bool masks: codec fitting, galleries, ground truth).
+    "none" (images and masks at their original size, bool masks: galleries, ground truth).
     ``max_images`` None keeps ``data.max_images``. Synthetic scenes are generated when missing.
     Raises ConfigError naming a missing path.
     """
@@ -206,10 +206,11 @@ def build_val_loader(dataset: Dataset, cfg: Config, *, rank: int = 0, world_size
                       generator=torch.Generator().manual_seed(cfg.train.seed + rank))
 
 
-def fit_codec(cfg: Config, output_dir: str | Path) -> tuple:
+def fit_codec(cfg: Config, train_ds, output_dir: str | Path) -> tuple:
     """The codec of ``cfg.codec``, ready to use: ``(codec, file)``.
 
-    A pca/sparse codec without ``codec.file`` is fitted on the non-crowd GT masks of the training set, cropped
+    A pca/sparse codec without ``codec.file`` is fitted on the non-crowd GT masks of ``train_ds`` (the training
+    CocoInstances: its annotations, ``coco``, and kept image ``ids``; no images are read), cropped
     to their boxes at the codec resolution: ``codec.fit_max_masks`` of them drawn at random with
     ``codec.fit_seed`` (0 = all), by the sampler the coding study uses (``solq.coding.study.fit_codec``).
     Rank 0 fits and saves ``output_dir/codec.pt``, every rank loads it, and ``file`` is that path, for the run's
@@ -222,12 +223,12 @@ def fit_codec(cfg: Config, output_dir: str | Path) -> tuple:
         return codec, cfg.codec.file
     path = Path(output_dir) / "codec.pt"
     if du.is_main_process() and not path.is_file():
-        train = build_dataset(cfg, "train", transforms="none")
         try:
-            study.fit_codec(codec, train.coco, image_ids=train.ids, max_masks=cfg.codec.fit_max_masks,
+            study.fit_codec(codec, train_ds.coco, image_ids=train_ds.ids, max_masks=cfg.codec.fit_max_masks,
                             seed=cfg.codec.fit_seed)
         except ValueError as e:  # fewer than 2 masks
-            raise ConfigError(f"codec.name={cfg.codec.name}: cannot fit the codec on {train.ann_file} ({e})") from None
+            raise ConfigError(f"codec.name={cfg.codec.name}: cannot fit the codec on {train_ds.ann_file} "
+                              f"({e})") from None
         codec.save(path)
     du.barrier()
     codec.load(path)

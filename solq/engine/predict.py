@@ -15,7 +15,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from PIL import Image
-
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 

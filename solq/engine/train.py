@@ -275,7 +275,7 @@ def _build_run(cfg: Config, info: du.DistInfo, progress_bar: bool, tensorboard: 
     out = Path(cfg.runtime.output_dir)
     resume = _resume_source(cfg.runtime.resume, out)
     train_ds, val_ds = build_datasets(cfg)
-    codec, codec_file = fit_codec(cfg, out)
+    codec, codec_file = fit_codec(cfg, train_ds, out)
     cfg = complete_config(cfg, num_classes=train_ds.num_classes, codec_file=codec_file)  # the run's own copy
     seed_everything(t.seed)  # same initial weights on every rank
     model, criterion, postprocessor = build_model(cfg, codec=codec)

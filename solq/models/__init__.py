@@ -21,7 +21,6 @@ from .solq import SOLQ
 from .sqr import build_sqr
 from .transformer import DeformableTransformer
 
-
 __all__ = [
     "build_model", "build_detector", "SOLQ", "Backbone", "Joiner", "PositionEmbeddingSine",
     "DeformableTransformer", "MSDeformAttn", "ms_deform_attn_reference", "BACKENDS", "get_backend", "MLP",

@@ -18,8 +18,8 @@ batch, averaged over processes, at least 1). The DCT vector loss is ``coef * mea
 matched pairs x coefficients (``vector_loss_norm="mean"``; with several processes the matched count
 is averaged over them, as num_boxes is, so 2 processes x 1 image equal 1 process x 2 images) or
 ``coef * sum |v_hat - v| / num_boxes`` ("num_boxes", the fast_solq variant). Codecs with ``loss_type == "mse_dice"`` (pca, flatten) use
-``coef * (sum (v_hat - v)^2 / num_boxes / dim + dice(decode(v_hat), crop))`` (the release's PCA variant). The coefficient is
-applied inside the term, so ``weight_dict["loss_vector"]`` is 1.
+``coef * (sum (v_hat - v)^2 / num_boxes / dim + dice(decode(v_hat), crop))`` (the release's PCA variant). The
+coefficient is applied inside the term, so ``weight_dict["loss_vector"]`` is 1.
 """
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from solq.config import Config, validate
 
 from . import build_detector
 
-
 __all__ = ["load_official_checkpoint", "to_official_state_dict", "OfficialCheckpointError"]
 
 # Top-level order of the release's SOLQ.state_dict() (used only to order the export).

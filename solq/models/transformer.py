@@ -1,4 +1,5 @@
-"""Deformable transformer: encoder, decoder with iterative box refinement, two-stage queries (as in the authors' release).
+"""Deformable transformer: encoder, decoder with iterative box refinement, two-stage queries (as the authors'
+release).
 
 Module names follow the release's state dict (``encoder.layers.{j}.self_attn.*``, ``decoder.layers.{k}.
 cross_attn.*``, ``norm1/2/3``, ``linear1/2``, ``level_embed``, ``reference_points``, ``enc_output``,

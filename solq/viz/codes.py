@@ -16,7 +16,6 @@ from solq.coding.dct import zigzag_order
 
 from .draw import as_numpy
 
-
 __all__ = ["code_positions", "coefficient_grid", "progressive_reconstructions", "reconstruction_iou",
            "plot_mask_code", "DEFAULT_STEPS"]
 

@@ -14,7 +14,6 @@ from solq.evaluation import masks_to_rle
 
 from .draw import as_numpy
 
-
 __all__ = ["OCCLUSION_BINS", "as_rles", "pairwise_iou", "intersections", "occlusion", "occlusion_bin", "bin_labels"]
 
 OCCLUSION_BINS = (0.0, 0.1, 0.3, 0.5, 1.0)  # edges; the last bin includes 1.0

@@ -28,7 +28,6 @@ from solq.models import pretrained
 
 from .draw import as_numpy, to_uint8_image
 
-
 __all__ = ["Predictor", "resolve_checkpoint", "ground_truth", "raw_dataset", "image_of", "data_overrides",
            "train_smoke_checkpoint", "decoder_attention_arrays"]
 

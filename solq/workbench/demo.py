@@ -35,7 +35,6 @@ from solq.workbench.notebook import project_root
 from solq.workbench.report import build_report
 from solq.workbench.runner import PointResult, run_experiment
 
-
 __all__ = ["DEMO_STEPS", "demo_root", "run_demo", "ground_truth_as_predictions"]
 
 DEMO_VAL_SEED = 1  # the scored scenes come from a seed the training scenes do not use

@@ -31,7 +31,7 @@ from solq.engine.builders import data_overrides, dataset_paths
 from solq.engine.checkpoint import config_for_checkpoint, load_model_weights
 from solq.engine.evaluate import run_evaluation
 from solq.engine.train import fit
-from solq.viz.gallery import prediction_gallery as draw
+from solq.viz.gallery import prediction_gallery  # re-exported: the notebooks' gallery of a run
 from solq.viz.predictor import resolve_checkpoint
 from solq.workbench.notebook import Param, flatten_metrics, resolve_path
 
@@ -265,8 +265,3 @@ def codec_upper_bound(cfg: Config, *, max_images: int = 0) -> dict:
     codec = build_codec_from_config(cfg.codec)
     metrics = reconstruction_study(codec, load_coco(ann), max_images=max_images, progress=False)
     return {k: v for k, v in metrics.items() if k.startswith("mask_")}
-
-
-def prediction_gallery(checkpoint: str | Path, **kwargs):
-    """:func:`solq.viz.gallery.prediction_gallery` (imported on call: matplotlib takes seconds to load)."""
-    return draw(checkpoint, **kwargs)
