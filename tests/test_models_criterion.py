@@ -213,6 +213,38 @@ def test_mse_dice_codec_loss():
     assert got == pytest.approx(2.0 * (mse + dice), rel=1e-5)
 
 
+def test_vector_dice_term_against_direct_computation_and_off_by_default():
+    gen = torch.Generator().manual_seed(9)
+    codec = _l1_codec()
+    targets = _targets([2, 3], [(40, 48), (32, 36)], gen)
+    outputs = _outputs(2, codec.dim, gen)
+    plain = SetCriterion(C, HungarianMatcher(), codec=codec, num_dec_layers=L)
+    crit = SetCriterion(C, HungarianMatcher(), codec=codec, num_dec_layers=L, vector_dice_coef=2.5)
+    base, got = plain(outputs, targets), crit(outputs, targets)
+    assert not any("vector_dice" in k for k in list(base) + list(plain.weight_dict))  # off: today's terms
+    assert {k for k in got if "vector_dice" in k} == {"loss_vector_dice", "loss_vector_dice_0", "loss_vector_dice_1"}
+    assert crit.weight_dict["loss_vector_dice_0"] == 2.5
+    for k in base:  # the other terms are unchanged
+        assert got[k].item() == pytest.approx(base[k].item(), rel=1e-6)
+    # squared-denominator dice of the decoded vector against the GT crop, summed over pairs / 5 boxes
+    dice = 0.0
+    for b, (qi, ti) in enumerate(HungarianMatcher()(outputs, targets)):
+        for q, j in zip(qi.tolist(), ti.tolist()):
+            t = targets[b]
+            crop = crop_to_box(t["masks"][j:j + 1], t["boxes_xyxy"][j:j + 1], 16).double().flatten()
+            p = codec.decode(outputs["pred_vectors"][b, q].detach()[None]).double().flatten()
+            dice += (1 - float(2 * (p * crop).sum() / ((p ** 2).sum() + (crop ** 2).sum() + 1e-5))) / 5
+    assert got["loss_vector_dice"].item() == pytest.approx(dice, rel=1e-4)
+    got["loss_vector_dice"].backward()
+    assert outputs["pred_vectors"].grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="l1 codecs"):
+        SetCriterion(C, HungarianMatcher(), codec=FlattenCodec(resolution=8), num_dec_layers=L, vector_dice_coef=1)
+    smoke = load_config("smoke", overrides=["loss.vector_dice_coef=1.5"])
+    assert build_criterion(smoke, codec, C).weight_dict["loss_vector_dice"] == 1.5
+    smoke_sqr = load_config("smoke", overrides=["loss.vector_dice_coef=1.5", "model.mode=sqr"])
+    assert "loss_vector_dice" not in build_criterion(smoke_sqr, None, C).weight_dict
+
+
 def test_sqr_mask_losses_against_direct_computation():
     gen = torch.Generator().manual_seed(7)
     targets = _targets([2, 1], [(40, 48), (32, 36)], gen)

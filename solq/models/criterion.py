@@ -20,6 +20,12 @@ is averaged over them, as num_boxes is, so 2 processes x 1 image equal 1 process
 ``coef * sum |v_hat - v| / num_boxes`` ("num_boxes", the fast_solq variant). Codecs with ``loss_type == "mse_dice"`` (pca, flatten) use
 ``coef * (sum (v_hat - v)^2 / num_boxes / dim + dice(decode(v_hat), crop))`` (the release's PCA variant). The
 coefficient is applied inside the term, so ``weight_dict["loss_vector"]`` is 1.
+
+Pixel-space vector loss (``vector_dice_coef`` > 0, l1 codecs; not in the release): ``loss_vector_dice``, the
+squared-denominator dice between ``decode(v_hat)`` and the ground-truth crop, summed over matched pairs /
+num_boxes, beside the L1 on coefficients. The L1 weighs every coefficient alike; the dice weighs the pixels
+where the decoded mask is wrong, which is what mask AP counts. Its minimum is at ``decode(v_hat) = crop``
+also for decoded values outside [0, 1] (the DCT decode is linear and unbounded).
 """
 from __future__ import annotations
 
@@ -168,6 +174,8 @@ class SetCriterion(nn.Module):
         enc_one2many_k: proposals matched to each object in the two-stage encoder loss (1 = one-to-one).
         cls_loss: "focal" (the release) or "quality_focal" (IoU-valued targets; see :meth:`loss_labels`).
         denoising: the model has denoising queries (adds the ``_dn`` weights: the main ones, unscaled).
+        vector_dice_coef: weight of ``loss_vector_dice`` (pixel-space dice of the decoded vector; l1 codecs);
+            0 = off, as the release.
     """
 
     def __init__(self, num_classes: int, matcher: HungarianMatcher, *, codec=None,
@@ -175,7 +183,8 @@ class SetCriterion(nn.Module):
                  focal_alpha: float = 0.25, focal_gamma: float = 2.0, vector_loss_coef: float = 3.0,
                  vector_loss_norm: str = "mean", vector_loss_stages: int = 0, num_dec_layers: int = 6,
                  one2many: bool = False, one2many_k: int = 6, one2many_weight: float = 1.0,
-                 enc_one2many_k: int = 1, cls_loss: str = "focal", denoising: bool = False):
+                 enc_one2many_k: int = 1, cls_loss: str = "focal", denoising: bool = False,
+                 vector_dice_coef: float = 0.0):
         super().__init__()
         unknown = set(losses) - set(LOSS_KEYS)
         if unknown:
@@ -206,7 +215,14 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion: cls_loss {cls_loss!r} is not 'focal' or 'quality_focal'")
         self.cls_loss = cls_loss
         self.denoising = denoising
-        self.weight_dict = self._expand_weights({**_DEFAULT_WEIGHTS, **(weight_dict or {})})
+        if vector_dice_coef < 0:
+            raise ValueError(f"SetCriterion: vector_dice_coef must be >= 0, got {vector_dice_coef}")
+        if vector_dice_coef > 0 and getattr(codec, "loss_type", "l1") != "l1":
+            raise ValueError("SetCriterion: vector_dice_coef is for l1 codecs (dct, sparse); "
+                             f"{codec.name} already has a dice term")
+        self.vector_dice = vector_dice_coef > 0 and "vectors" in self.losses
+        self.weight_dict = self._expand_weights({**_DEFAULT_WEIGHTS, "loss_vector_dice": float(vector_dice_coef),
+                                                 **(weight_dict or {})})
 
     # ---- which loss runs where -------------------------------------------------------------------
     def _layer_losses(self, layer: int | None) -> tuple[str, ...]:
@@ -223,12 +239,16 @@ class SetCriterion(nn.Module):
             out.append(name)
         return tuple(out)
 
+    def _keys(self, name: str) -> tuple[str, ...]:
+        """The loss keys that loss ``name`` produces here."""
+        return LOSS_KEYS[name] + (("loss_vector_dice",) if name == "vectors" and self.vector_dice else ())
+
     def _expand_weights(self, base: dict) -> dict:
         weights = {}
         layers = [(l, "" if l == self.num_dec_layers - 1 else f"_{l}") for l in range(self.num_dec_layers)]
         for layer, suffix in layers + [(None, "_enc")]:
             for name in self._layer_losses(layer):
-                for key in LOSS_KEYS[name]:
+                for key in self._keys(name):
                     weights[key + suffix] = float(base.get(key + suffix, base[key]))
                     if self.one2many and layer is not None and name != "masks":
                         weights[key + suffix + "_one2many"] = float(
@@ -294,7 +314,8 @@ class SetCriterion(nn.Module):
         # all-reduce, so it comes before the early return); in one process it is the plain mean.
         num_matched = self._process_average(len(src), pred.device) if self.vector_loss_norm == "mean" else 1.0
         if len(src) == 0:
-            return {"loss_vector": 0.0 * pred.sum()}
+            zero = 0.0 * pred.sum()
+            return {"loss_vector": zero, **({"loss_vector_dice": zero.clone()} if self.vector_dice else {})}
         gidx = gt.global_index(indices)
         tgt = gt.vectors(self.codec)[gidx]
         if self.codec.loss_type == "l1":
@@ -302,6 +323,10 @@ class SetCriterion(nn.Module):
                 loss = F.l1_loss(src, tgt, reduction="sum") / (num_matched * src.shape[1])
             else:
                 loss = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+            if self.vector_dice:
+                crops = gt.crops(self.codec.resolution)[gidx].flatten(1)
+                dice = dice_loss(self.codec.decode(src).flatten(1), crops, squared=True, eps=1e-5) / num_boxes
+                return {"loss_vector": self.vector_loss_coef * loss, "loss_vector_dice": dice}
         else:  # mse_dice: whitened-code MSE + dice on the decoded map (as in the authors' release)
             feat = F.mse_loss(src, tgt, reduction="sum") / num_boxes / src.shape[1]
             probs = self.codec.decode(src).flatten(1)
@@ -435,4 +460,5 @@ def build_criterion(cfg, codec, num_classes: int) -> SetCriterion:
                         vector_loss_stages=L.vector_loss_stages, num_dec_layers=cfg.model.dec_layers,
                         one2many=cfg.model.num_queries_one2many > 0, one2many_k=L.one2many_k,
                         one2many_weight=L.one2many_weight, enc_one2many_k=L.enc_one2many_k, cls_loss=L.cls_loss,
-                        denoising=cfg.model.dn_groups > 0)
+                        denoising=cfg.model.dn_groups > 0,
+                        vector_dice_coef=L.vector_dice_coef if mode == "uqr" else 0.0)
