@@ -122,6 +122,9 @@ class ModelConfig:
     with_box_refine: bool = True
     two_stage: bool = False
     vector_hidden_dim: int = 1024
+    # uqr: predict standardised codes (mean + std * mlp, the training codes' per-coefficient statistics, kept in
+    # the model); false = the release's raw codes
+    vector_standardize: bool = False
     num_classes: int = 0  # 0 = taken from the data (max category id + 1)
     attention_backend: str = "auto"  # auto | reference | fused | triton
     aux_loss: bool = True
@@ -141,6 +144,9 @@ class LossConfig:
     vector_loss_coef: float = 3.0
     vector_loss_norm: str = "mean"  # mean (release solq.py) | num_boxes
     vector_loss_stages: int = 0  # number of final decoder layers with the vector loss; 0 = all (Table 3c)
+    # pixel-space dice between the decoded vector and the GT crop, beside the L1 on coefficients (dct/sparse;
+    # not in the release): 0 = off
+    vector_dice_coef: float = 0.0
     focal_alpha: float = 0.25
     cls_loss: str = "focal"  # focal (the release) | quality_focal (IoU-valued targets: scores rank by box quality)
     one2many_k: int = 6  # hybrid matching: each ground-truth object repeated k times for the extra group

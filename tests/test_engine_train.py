@@ -262,3 +262,27 @@ def test_a_pca_codec_is_fitted_by_the_studys_sampler_and_saved_for_the_run(tmp_p
     assert not torch.allclose(codec.encode(probe), other.encode(probe), atol=1e-4)  # and the seed is used
     again, _ = fit_codec(cfg, train, tmp_path / "run")  # a resumed run loads the saved fit
     torch.testing.assert_close(again.encode(probe), codec.encode(probe))
+
+
+def test_vector_statistics_are_the_training_codes_and_travel_with_the_checkpoint(synth_root, tmp_path):
+    from solq.coding import build_codec_from_config, study
+    from solq.engine.builders import build_dataset, vector_statistics
+    from solq.engine.checkpoint import build_from_checkpoint
+    from solq.engine.train import fit
+
+    out = tmp_path / "run"
+    cfg = load_config("smoke", tiny_overrides(synth_root, out, 4, **{
+        "model.vector_standardize": True, "train.epochs": 1, "codec.fit_max_masks": 0}))
+    train = build_dataset(cfg, "train", transforms="none")
+    codec = build_codec_from_config(cfg.codec)
+    mean, std = vector_statistics(cfg, train, codec)
+    codes = codec.encode(study.collect_crops(train.coco, codec.resolution, image_ids=train.ids, max_masks=0).float())
+    torch.testing.assert_close(mean, codes.double().mean(0).float())
+    torch.testing.assert_close(std, codes.double().std(0).clamp(min=1e-3).float())
+    assert std.max() / std.min() > 5  # DCT coefficients differ in scale: the point of standardising
+    fit(cfg, progress_bar=False, tensorboard=False)
+    state = torch.load(out / "checkpoint.pth", weights_only=True)["model"]
+    torch.testing.assert_close(state["vector_mean"], mean)
+    torch.testing.assert_close(state["vector_std"], std)
+    _, model, _, _, _ = build_from_checkpoint(out / "checkpoint.pth")
+    torch.testing.assert_close(model.vector_std, std)  # evaluation rebuilds the same head

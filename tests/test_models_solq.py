@@ -221,3 +221,29 @@ def test_bf16_autocast_keeps_boxes_and_references_in_float32():
     assert out["pred_boxes"].dtype == torch.float32 and out["dec_references"].dtype == torch.float32
     assert out["dec_attention"][0]["locations"].dtype == torch.float32
     torch.testing.assert_close(out["pred_boxes"], ref["pred_boxes"], atol=0.03, rtol=0)
+
+
+def test_standardized_vector_head_starts_at_the_mean_code_and_scales_by_the_std():
+    cfg, plain = _tiny()
+    assert "vector_mean" not in plain.state_dict()  # off by default: the release's keys and init
+    assert plain.vector_embed.layers[-1].bias[2:].eq(-2).all()
+    _, model = _tiny(vector_standardize=True)
+    dim = model.vector_embed.layers[-1].out_features
+    mean, std = torch.linspace(-3, 30, dim), torch.linspace(0.5, 10, dim)
+    model.set_vector_statistics(mean, std)
+    assert {"vector_mean", "vector_std"} <= set(model.state_dict())  # saved with the model
+    model.eval()
+    images, mask = _batch()
+    out = model(images, mask, return_intermediates=True)
+    torch.testing.assert_close(out["pred_vectors"], mean.expand_as(out["pred_vectors"]))  # zero last layer
+    with torch.no_grad():
+        model.vector_embed.layers[-1].bias.normal_()
+    out = model(images, mask, return_intermediates=True)
+    raw = model.vector_embed(out["hs"][-1])
+    torch.testing.assert_close(out["pred_vectors"], mean + std * raw)
+    with pytest.raises(ValueError, match="std"):
+        model.set_vector_statistics(mean, torch.zeros(dim))
+    with pytest.raises(ValueError, match="shape"):
+        model.set_vector_statistics(mean[:3], std[:3])
+    with pytest.raises(ValueError, match="without vector_standardize"):
+        plain.set_vector_statistics(mean, std)

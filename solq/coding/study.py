@@ -33,8 +33,8 @@ from solq.evaluation import evaluate_coco
 from .base import Codec, build_codec
 from .geometry import crop_to_box, paste_in_image
 
-__all__ = ["resolve_coco", "load_coco", "image_ground_truth", "collect_crops", "fit_codec", "make_codec",
-           "reconstruct", "mask_iou", "run_study", "reconstruction_study", "StudyResult", "comparison_settings",
+__all__ = ["resolve_coco", "load_coco", "image_ground_truth", "collect_crops", "fit_codec", "code_statistics",
+           "make_codec", "reconstruct", "mask_iou", "run_study", "reconstruction_study", "StudyResult", "comparison_settings",
            "resolution_sweep_settings", "dimension_sweep_settings", "format_table", "coding_metric_keys",
            "DEFAULT_SPECS"]
 
@@ -162,6 +162,18 @@ def make_codec(spec: Codec | str | Mapping[str, Any] | None, *, fit_coco: COCO |
             raise ValueError(f"codec {codec.name!r} needs fitting: pass fit_coco (a COCO of training masks)")
         fit_codec(codec, fit_coco, max_images=fit_max_images, max_masks=fit_max_masks, seed=seed)
     return codec
+
+
+def code_statistics(codec: Codec, coco: COCO, *, image_ids: Sequence[int] | None = None, max_masks: int = FIT_MAX_MASKS,
+                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-coefficient mean and standard deviation of ``codec.encode`` over the GT crops of ``coco`` (the
+    sampler of :func:`collect_crops`): two float32 [codec.dim] tensors, the std clamped below at 1e-3 (a constant
+    coefficient must not scale the vector head to zero). Raises ValueError with fewer than 2 masks."""
+    crops = collect_crops(coco, codec.resolution, image_ids=image_ids, max_masks=max_masks, seed=seed)
+    if len(crops) < 2:
+        raise ValueError(f"code statistics need at least 2 non-crowd masks, found {len(crops)}")
+    codes = torch.cat([codec.encode(chunk.float()).double() for chunk in crops.split(4096)])
+    return codes.mean(0).float(), codes.std(0).clamp(min=1e-3).float()
 
 
 # ---- reconstruction ---------------------------------------------------------------------------------------

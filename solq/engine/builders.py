@@ -27,7 +27,8 @@ from solq.data.synthetic import generate
 from solq.engine import distributed as du
 
 __all__ = ["EpochSampler", "SeededDataset", "dataset_paths", "data_overrides", "build_dataset", "build_datasets",
-           "build_train_loader", "build_val_loader", "sample_seed", "fit_codec", "complete_config"]
+           "build_train_loader", "build_val_loader", "sample_seed", "fit_codec", "vector_statistics",
+           "complete_config"]
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -233,6 +234,18 @@ def fit_codec(cfg: Config, train_ds, output_dir: str | Path) -> tuple:
     du.barrier()
     codec.load(path)
     return codec, str(path)
+
+
+def vector_statistics(cfg: Config, train_ds, codec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std [codec.dim] of the training codes for ``model.vector_standardize``: the non-crowd GT masks
+    of ``train_ds`` (annotations only, no images), ``codec.fit_max_masks`` of them drawn with ``codec.fit_seed``
+    as for fitting a codec. Deterministic, so every process computes the same. Raises ConfigError when the
+    training set has fewer than 2 masks."""
+    try:
+        return study.code_statistics(codec, train_ds.coco, image_ids=train_ds.ids, max_masks=cfg.codec.fit_max_masks,
+                                     seed=cfg.codec.fit_seed)
+    except ValueError as e:
+        raise ConfigError(f"model.vector_standardize: {train_ds.ann_file}: {e}") from None
 
 
 def complete_config(cfg: Config, *, num_classes: int, codec_file: str) -> Config:

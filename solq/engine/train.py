@@ -24,7 +24,7 @@ from solq.config import Config
 from solq.data import collate
 from solq.engine import distributed as du
 from solq.engine.builders import (SeededDataset, build_datasets, build_train_loader, build_val_loader, complete_config,
-                                  fit_codec)
+                                  fit_codec, vector_statistics)
 from solq.engine.checkpoint import (FORMAT, LAST_NAME, CheckpointError, capture_rng_state, epoch_checkpoint_name,
                                     find_resume_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
 from solq.engine.evaluate import evaluate, iou_types_for, weighted_total
@@ -279,6 +279,8 @@ def _build_run(cfg: Config, info: du.DistInfo, progress_bar: bool, tensorboard: 
     cfg = complete_config(cfg, num_classes=train_ds.num_classes, codec_file=codec_file)  # the run's own copy
     seed_everything(t.seed)  # same initial weights on every rank
     model, criterion, postprocessor = build_model(cfg, codec=codec)
+    if getattr(model, "vector_standardize", False) and resume is None:  # a resumed run loads them
+        model.set_vector_statistics(*vector_statistics(cfg, train_ds, codec))
     model.to(device)
     criterion.to(device)
     optimizer = build_optimizer(cfg, model)

@@ -59,7 +59,8 @@ def build_detector(cfg, vector_dim: Optional[int] = None, *, initial_weights: bo
                 vector_dim=vector_dim if mode == "uqr" else None,
                 vector_hidden_dim=m.vector_hidden_dim, aux_loss=m.aux_loss, with_box_refine=m.with_box_refine,
                 two_stage=m.two_stage, num_queries_one2many=m.num_queries_one2many,
-                dn_groups=m.dn_groups, dn_box_noise=m.dn_box_noise, dn_label_noise=m.dn_label_noise)
+                dn_groups=m.dn_groups, dn_box_noise=m.dn_box_noise, dn_label_noise=m.dn_label_noise,
+                vector_standardize=m.vector_standardize)
 
 
 def build_model(cfg, *, codec: Optional[Codec] = None, initial_weights: bool = True):

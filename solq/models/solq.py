@@ -43,6 +43,12 @@ class SOLQ(nn.Module):
             probability ``dn_label_noise``) become extra decoder queries (reference = the noised box, content = a
             label embedding), behind the self-attention mask (each group sees only itself; no other query sees
             them); their outputs come back under ``dn_outputs`` to reconstruct label, box and mask vector. 0 = off.
+        vector_standardize: the vector MLP predicts standardised codes, ``v = vector_mean + vector_std * mlp(q)``
+            with per-coefficient buffers [n_k] (the training codes' statistics, set by
+            :meth:`set_vector_statistics`; saved with the model), and its last layer starts at zero, so every
+            query starts at the mean code. False (the release): raw codes, starting at [0, 0, -2, ..., -2]. With
+            DCT codes the coefficients differ in scale by 50x (the DC term is about 34 +- 10 on 64x64 crops, the
+            last kept ones about 0 +- 0.7): one learning rate then moves them alike.
 
     Head layout as the release: ``class_embed`` and ``bbox_embed`` are ModuleLists with one entry per
     decoder layer (+1 for two-stage encoder scoring); without box refinement all entries are the same
@@ -53,7 +59,8 @@ class SOLQ(nn.Module):
                  num_queries: int = 300, num_feature_levels: int = 4, mode: str = "uqr",
                  vector_dim: Optional[int] = 256, vector_hidden_dim: int = 1024, aux_loss: bool = True,
                  with_box_refine: bool = True, two_stage: bool = False, num_queries_one2many: int = 0,
-                 dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2):
+                 dn_groups: int = 0, dn_box_noise: float = 0.4, dn_label_noise: float = 0.2,
+                 vector_standardize: bool = False):
         super().__init__()
         if mode not in ("uqr", "det"):
             raise ValueError(f"SOLQ mode must be 'uqr' or 'det', got {mode!r} (sqr wraps a 'det' detector)")
@@ -108,14 +115,39 @@ class SOLQ(nn.Module):
 
         self.label_enc = nn.Embedding(num_classes, d) if dn_groups else None
 
+        self.vector_standardize = mode == "uqr" and vector_standardize
         if mode == "uqr":
             self.vector_embed = MLP(d, vector_hidden_dim, vector_dim, 3)
-            with torch.no_grad():  # every query starts at [0, 0, -2, ..., -2] as in the release
+            with torch.no_grad():  # every query starts at [0, 0, -2, ..., -2] as in the release (standardised: 0)
                 self.vector_embed.layers[-1].weight.zero_()
                 self.vector_embed.layers[-1].bias.zero_()
-                self.vector_embed.layers[-1].bias[2:] = -2.0
+                if not self.vector_standardize:
+                    self.vector_embed.layers[-1].bias[2:] = -2.0
         else:
             self.vector_embed = None
+        if self.vector_standardize:
+            self.register_buffer("vector_mean", torch.zeros(vector_dim))
+            self.register_buffer("vector_std", torch.ones(vector_dim))
+
+    @torch.no_grad()
+    def set_vector_statistics(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Per-coefficient mean and std [n_k] of the training codes, for ``vector_standardize``."""
+        if not self.vector_standardize:
+            raise ValueError("set_vector_statistics: the model was built without vector_standardize")
+        if mean.shape != self.vector_mean.shape or std.shape != self.vector_std.shape:
+            raise ValueError(f"set_vector_statistics: expected mean and std of shape {tuple(self.vector_mean.shape)}, "
+                             f"got {tuple(mean.shape)} and {tuple(std.shape)}")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("set_vector_statistics: mean must be finite and std finite and > 0")
+        self.vector_mean.copy_(mean)
+        self.vector_std.copy_(std)
+
+    def _vectors(self, hs: torch.Tensor) -> Optional[torch.Tensor]:
+        """Mask vectors [L,B,Q,n_k] of the decoder states hs [L,B,Q,d] (one shared MLP); None in mode det."""
+        if self.vector_embed is None:
+            return None
+        raw = self.vector_embed(hs)
+        return torch.addcmul(self.vector_mean, self.vector_std, raw) if self.vector_standardize else raw
 
     def _levels(self, images, mask):
         """Backbone maps and the transformer's inputs: (features, srcs, masks, pos) per level."""
@@ -206,7 +238,7 @@ class SOLQ(nn.Module):
             self_attn_mask=attn_mask, extra_queries=dn[:3] if dn is not None else None)
         hs, refs = t["hs"], t["references"]
         num_layers = hs.shape[0]
-        vectors = self.vector_embed(hs) if self.vector_embed is not None else None  # one shared MLP
+        vectors = self._vectors(hs)
         layers = []
         for lvl in range(num_layers):
             reference = t["init_reference"] if lvl == 0 else refs[lvl - 1]
