@@ -170,6 +170,9 @@ def postprocess(logits: np.ndarray, boxes: np.ndarray, vectors: np.ndarray | Non
     logits = np.asarray(logits, _F32)
     batch, q, c = logits.shape
     codec = meta.get("codec") or {}
+    if vectors is not None and meta.get("mode", "uqr") != "uqr":
+        raise ValueError(f"solq.deploy decodes UQR mask vectors; a {meta.get('mode')!r} model's masks are not "
+                         f"written in numpy (pass vectors=None for boxes and scores)")
     if vectors is not None and codec.get("name") != "dct":
         raise ValueError(f"solq.deploy decodes DCT mask codes only; this model's codec is {codec.get('name')!r}")
     k = min(int(meta.get("topk", 100)), q * c)

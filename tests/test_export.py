@@ -124,8 +124,14 @@ def test_cli_exports_sqr_masks_and_fails_above_the_tolerance(tmp_path, capsys):
     assert diff <= 1e-4
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["pred_logits", "pred_boxes", "pred_masks"]
-    assert main(["export", "--checkpoint", "smoke-sqr", "--output", str(out), "--tolerance", "0"]) == 1
+    assert main(["export", "--checkpoint", "smoke-sqr", "--output", str(tmp_path / "strict.onnx"),
+                 "--tolerance", "0"]) == 1
     assert "differs from PyTorch by" in capsys.readouterr().err
     with pytest.raises(ExportError, match="opset >= 16"):
         export_onnx("smoke-uqr", tmp_path / "old.onnx", opset=13)
-    assert json.loads(onnx.load(str(out)).metadata_props[0].value)["mode"] == "sqr"
+    meta = json.loads(onnx.load(str(out)).metadata_props[0].value)
+    assert meta["mode"] == "sqr"
+    logits, boxes, masks = session.run(None, dict(zip(["images", "mask"], sample_input(meta))))
+    with pytest.raises(ValueError, match="'sqr' model's masks are not written"):
+        deploy.postprocess(logits, boxes, masks, [(160, 192)], meta)
+    assert "masks" not in deploy.postprocess(logits, boxes, None, [(160, 192)], meta)[0]
