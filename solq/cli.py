@@ -32,7 +32,7 @@ EXAMPLES = {
     "run": "solq run experiments/table3b_vector_loss_weight.yaml --scale smoke",
     "report": "solq report --runs-dir experiments/runs --out experiments/report",
     "export": "solq export --checkpoint smoke-uqr --output smoke_uqr.onnx\n"
-              "  solq export --checkpoint runs/r50/checkpoint.pth --output r50.onnx --height 1333 --width 1333",
+              "  solq export --checkpoint runs/r50/checkpoint.pth --output r50.onnx --height 800 --width 1088",
 }
 
 
@@ -171,9 +171,10 @@ def _add_export(sub) -> None:
     x.add_argument("--output", required=True, metavar="FILE", help="the .onnx file to write")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; at least 16 for GridSample)")
     x.add_argument("--height", type=positive_int, default=None, metavar="H",
-                   help="input frame height; images are resized and padded into it (default: the evaluation "
-                        "transform's max_size)")
-    x.add_argument("--width", type=positive_int, default=None, metavar="W", help="input frame width (as --height)")
+                   help="height of the traced sample, the image padded into H x W (the file takes any height and "
+                        "width; default: the evaluation transform's max_size)")
+    x.add_argument("--width", type=positive_int, default=None, metavar="W", help="width of the traced sample "
+                                                                                  "(as --height)")
     x.add_argument("--image", default=None, metavar="FILE",
                    help="sample image of the onnxruntime check (default: a shipped COCO sample)")
     x.add_argument("--tolerance", type=float, default=1e-4,
@@ -284,11 +285,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     r = export_onnx(args.checkpoint, args.output, opset=args.opset, height=args.height, width=args.width,
                     image=args.image, tolerance=args.tolerance)
-    h, w = r["frame"]
-    print(f"{r['path']}: inputs images [B,3,{h},{w}] float32 and mask [B,{h},{w}] bool (True on padding); outputs "
-          f"{', '.join(r['outputs'])}; attention backend {r['backend']} (grid_sample), opset {r['opset']}")
-    diffs = ", ".join(f"{k} {v:.2e}" for k, v in r["max_abs_diff"].items())
-    print(f"max |onnxruntime - PyTorch| on the sample image: {r['max_diff']:.2e} (limit {args.tolerance:g}; {diffs})")
+    h, w = r["trace_size"]
+    print(f"{r['path']}: inputs images [B,3,H,W] float32 and mask [B,H,W] bool (True on padding), any B, H, W "
+          f"(traced at {h}x{w}); outputs {', '.join(r['outputs'])}; attention backend {r['backend']} (grid_sample), "
+          f"opset {r['opset']}")
+    for c in r["checks"]:
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in c["max_abs_diff"].items())
+        how = "padded" if c["padded"] else "unpadded"
+        print(f"max |onnxruntime - PyTorch| on the sample image at {c['size'][0]}x{c['size'][1]} ({how}): "
+              f"{c['max_diff']:.2e} (limit {args.tolerance:g}; {diffs})")
     return 0
 
 

@@ -7,12 +7,16 @@ Needs numpy, Pillow and onnxruntime only (this module imports neither torch nor 
     from solq.deploy import read_metadata, prepare_image, postprocess
 
     session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-    meta = read_metadata(session)                      # what solq export stored: frame, codec, topk, ...
+    meta = read_metadata(session)                      # what solq export stored: codec, topk, eval sizes, ...
     rgb = np.asarray(Image.open("photo.jpg").convert("RGB"))
-    images, mask, _ = prepare_image(rgb, meta)         # [1,3,H,W] float32, [1,H,W] bool (True on padding)
+    images, mask, _ = prepare_image(rgb, meta)         # [1,3,h,w] float32 at the resized size, [1,h,w] bool
     logits, boxes, vectors = session.run(None, {"images": images, "mask": mask})
     [det] = postprocess(logits, boxes, vectors, [rgb.shape[:2]], meta)
     keep = det["scores"] >= 0.5                        # det: scores, labels, boxes (xyxy px), masks bool [K,h,w]
+
+The exported network takes any H x W, so one image goes in at its resized size with no padding (as ``solq
+predict`` runs it); several images of different sizes go in together through :func:`stack_images`, which pads
+them to the largest and marks the padding in ``mask``.
 
 The steps are those of :class:`solq.models.postprocess.PostProcess` for UQR models with the DCT codec (the test
 checks that the masks are equal): sigmoid scores, the top-k of query x class (no threshold, no NMS), boxes from
@@ -24,11 +28,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["METADATA_KEY", "read_metadata", "prepare_image", "postprocess", "dct_decode", "binarize",
+__all__ = ["METADATA_KEY", "read_metadata", "prepare_image", "stack_images", "postprocess", "dct_decode", "binarize",
            "paste_masks", "zigzag_order", "dct_matrix"]
 
 METADATA_KEY = "solq"  # the ONNX metadata entry (JSON) that solq export writes
@@ -37,8 +41,9 @@ _F32 = np.float32
 
 def read_metadata(session_or_path: Any) -> dict:
     """The solq metadata of an exported model, from an ``onnxruntime.InferenceSession`` or a file path (which
-    opens one). Returns the dict ``solq export`` stored (mode, frame [H, W], eval_size, max_size, mean, std,
-    topk, mask_threshold, codec {name, resolution, num_coeffs, threshold}, categories, outputs)."""
+    opens one). Returns the dict ``solq export`` stored (mode, trace_size [H, W] (the sample size of the export;
+    the file takes any size), eval_size, max_size, mean, std, topk, mask_threshold, codec {name, resolution,
+    num_coeffs, threshold}, categories, outputs)."""
     session = session_or_path
     if not hasattr(session, "get_modelmeta"):
         import onnxruntime  # optional dependency, needed only for this convenience
@@ -50,12 +55,14 @@ def read_metadata(session_or_path: Any) -> dict:
     return json.loads(meta[METADATA_KEY])
 
 
-def prepare_image(rgb: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+def prepare_image(rgb: np.ndarray, meta: dict, frame: Optional[Sequence[int]] = None
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     """One image as the network's input: resized as the evaluation transform does (short side ``eval_size``,
-    long side at most ``max_size``), normalised with ``mean``/``std``, zero-padded into the exported frame.
+    long side at most ``max_size``) and normalised with ``mean``/``std``.
 
-    rgb: uint8 [h,w,3]. Returns (images float32 [1,3,H,W], mask bool [1,H,W] True on padding, (h', w') the
-    resized size). Raises ValueError when the resized image does not fit the frame."""
+    rgb: uint8 [h,w,3]; frame: None (no padding: the network takes any size) or (H, W) to zero-pad into.
+    Returns (images float32 [1,3,H,W], mask bool [1,H,W] True on padding, (h', w') the resized size), with
+    H x W = h' x w' without a frame. Raises ValueError when the resized image does not fit the frame."""
     from PIL import Image  # a dependency of solq; imported here so post-processing alone needs only numpy
 
     h, w = rgb.shape[:2]
@@ -68,15 +75,31 @@ def prepare_image(rgb: np.ndarray, meta: dict) -> tuple[np.ndarray, np.ndarray, 
         resized = rgb
     else:
         resized = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.BILINEAR))
-    frame_h, frame_w = meta["frame"]
+    frame_h, frame_w = (nh, nw) if frame is None else (int(frame[0]), int(frame[1]))
     if nh > frame_h or nw > frame_w:
-        raise ValueError(f"the resized image {nh}x{nw} does not fit the exported frame {frame_h}x{frame_w}")
+        raise ValueError(f"the resized image {nh}x{nw} does not fit the frame {frame_h}x{frame_w}")
     x = (resized.astype(_F32) / _F32(255) - np.asarray(meta["mean"], _F32)) / np.asarray(meta["std"], _F32)
     images = np.zeros((1, 3, frame_h, frame_w), _F32)
     images[0, :, :nh, :nw] = x.transpose(2, 0, 1)
     mask = np.ones((1, frame_h, frame_w), bool)
     mask[0, :nh, :nw] = False
     return images, mask, (nh, nw)
+
+
+def stack_images(prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Several prepared images as one batch, as the training and evaluation batches are padded: each is
+    zero-padded at the bottom and right to the largest height and width, its padding True in the mask.
+
+    prepared: (images float32 [1,3,h_i,w_i], mask bool [1,h_i,w_i]) pairs, e.g. :func:`prepare_image`'s first two
+    results. Returns (images float32 [B,3,H,W], mask bool [B,H,W]) with H = max h_i, W = max w_i."""
+    height = max(x.shape[2] for x, _ in prepared)
+    width = max(x.shape[3] for x, _ in prepared)
+    images = np.zeros((len(prepared), 3, height, width), _F32)
+    mask = np.ones((len(prepared), height, width), bool)
+    for i, (x, m) in enumerate(prepared):
+        images[i, :, :x.shape[2], :x.shape[3]] = x[0]
+        mask[i, :m.shape[1], :m.shape[2]] = m[0]
+    return images, mask
 
 
 def zigzag_order(n: int) -> np.ndarray:
