@@ -31,6 +31,8 @@ EXAMPLES = {
                          "--threads 1",
     "run": "solq run experiments/table3b_vector_loss_weight.yaml --scale smoke",
     "report": "solq report --runs-dir experiments/runs --out experiments/report",
+    "export": "solq export --checkpoint smoke-uqr --output smoke_uqr.onnx\n"
+              "  solq export --checkpoint runs/r50/checkpoint.pth --output r50.onnx --height 800 --width 1088",
 }
 
 
@@ -161,13 +163,32 @@ def _add_report(sub) -> None:
     rep.set_defaults(func=report_from_args)
 
 
+def _add_export(sub) -> None:
+    x = _add_command(sub, "export", "Export a checkpoint's network (backbone to heads) to ONNX and check it with "
+                                    "onnxruntime (needs: pip install -e '.[export]').")
+    x.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="checkpoint file (solq or release .pth) or a shipped name (smoke-uqr, smoke-sqr)")
+    x.add_argument("--output", required=True, metavar="FILE", help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17; at least 16 for GridSample)")
+    x.add_argument("--height", type=positive_int, default=None, metavar="H",
+                   help="height of the traced sample, the image padded into H x W (the file takes any height and "
+                        "width; default: the evaluation transform's max_size)")
+    x.add_argument("--width", type=positive_int, default=None, metavar="W", help="width of the traced sample "
+                                                                                  "(as --height)")
+    x.add_argument("--image", default=None, metavar="FILE",
+                   help="sample image of the onnxruntime check (default: a shipped COCO sample)")
+    x.add_argument("--tolerance", type=float, default=1e-4,
+                   help="largest allowed |onnxruntime - PyTorch| on the sample (default 1e-4)")
+    x.set_defaults(func=_cmd_export)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="solq", description="SOLQ research workbench: data, training, evaluation, reproduction.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (_add_synth, _add_demo, _add_train, _add_eval, _add_predict, _add_bench, _add_pretrain_backbone,
-                _add_run, _add_report):  # one function per verb, in the order --help lists them
+                _add_run, _add_report, _add_export):  # one function per verb, in the order --help lists them
         add(sub)
     return p
 
@@ -259,6 +280,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from solq.engine.export import export_onnx
+
+    r = export_onnx(args.checkpoint, args.output, opset=args.opset, height=args.height, width=args.width,
+                    image=args.image, tolerance=args.tolerance)
+    h, w = r["trace_size"]
+    print(f"{r['path']}: inputs images [B,3,H,W] float32 and mask [B,H,W] bool (True on padding), any B, H, W "
+          f"(traced at {h}x{w}); outputs {', '.join(r['outputs'])}; attention backend {r['backend']} (grid_sample), "
+          f"opset {r['opset']}")
+    for c in r["checks"]:
+        diffs = ", ".join(f"{k} {v:.2e}" for k, v in c["max_abs_diff"].items())
+        how = "padded" if c["padded"] else "unpadded"
+        print(f"max |onnxruntime - PyTorch| on the sample image at {c['size'][0]}x{c['size'][1]} ({how}): "
+              f"{c['max_diff']:.2e} (limit {args.tolerance:g}; {diffs})")
+    return 0
+
+
 def _is_main_rank() -> bool:
     """Rank 0 of a torchrun launch (the process group is already gone when results are printed)."""
     return os.environ.get("RANK", "0") == "0"
@@ -292,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _user_errors() -> tuple:
     """Errors whose message says everything (no traceback): unreadable checkpoints, missing inputs,
-    a non-finite loss."""
+    a non-finite loss, an ONNX export that cannot be made or does not match PyTorch."""
     from solq.engine.checkpoint import CheckpointError
+    from solq.engine.export import ExportError
     from solq.engine.train import NonFiniteLossError
 
-    return (CheckpointError, NonFiniteLossError, FileNotFoundError)
+    return (CheckpointError, NonFiniteLossError, FileNotFoundError, ExportError)
 
 
 if __name__ == "__main__":

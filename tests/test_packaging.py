@@ -12,7 +12,7 @@ import solq
 
 ROOT = Path(__file__).resolve().parents[1]
 # import name -> distribution name, where they differ
-IMPORT_TO_DIST = {"yaml": "PyYAML", "PIL": "pillow", "sklearn": "scikit-learn", "IPython": "ipython"}
+IMPORT_TO_DIST = {"yaml": "PyYAML", "PIL": "pillow", "sklearn": "scikit-learn", "IPython": "ipython", "zmq": "pyzmq"}
 
 
 def _all_modules():

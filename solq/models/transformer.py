@@ -39,6 +39,17 @@ def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
+def _spatial_shapes(shapes: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """Per-level sizes as the attention wants them: shapes, L pairs (H_l, W_l) -> int64 [L,2] on ``device``.
+
+    While tracing (ONNX export) the sizes read from ``x.shape`` are 0-dim tensors recorded from the input's
+    shape; stacking them keeps them symbolic, where ``torch.as_tensor`` would record their values as constants
+    and fix the exported input size."""
+    if torch.jit.is_tracing():
+        return torch.stack([torch.stack([h, w]) for h, w in shapes]).to(device=device, dtype=torch.long)
+    return torch.as_tensor(shapes, dtype=torch.long, device=device)
+
+
 class DeformableEncoderLayer(nn.Module):
     """Post-norm: src = LN(src + MSDA(src + pos)); src = LN(src + FFN(src))."""
 
@@ -102,7 +113,8 @@ class DeformableEncoder(nn.Module):
     @staticmethod
     def reference_points(shapes: list[tuple[int, int]], valid_ratios: torch.Tensor) -> torch.Tensor:
         """Pixel centres of every level, normalised by each level's valid size, then expressed in every
-        level's padded frame. valid_ratios: [B,L,2] -> [B,S,L,2] (x, y)."""
+        level's padded frame. shapes: (H_l, W_l) per level (ints; 0-dim tensors while tracing);
+        valid_ratios: [B,L,2] -> [B,S,L,2] (x, y)."""
         refs = []
         dev, dt = valid_ratios.device, valid_ratios.dtype
         for lvl, (h, w) in enumerate(shapes):
@@ -251,7 +263,7 @@ class DeformableTransformer(nn.Module):
         padding_mask = torch.cat([m.flatten(1) for m in masks], 1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
                          for lvl, p in enumerate(pos_embeds)], 1)
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=src.device)
+        spatial_shapes = _spatial_shapes(shapes, src.device)
         level_start_index = torch.cat([spatial_shapes.new_zeros(1), spatial_shapes.prod(1).cumsum(0)[:-1]])
         valid_ratios = torch.stack([valid_ratio(m) for m in masks], 1)
         memory = self.encoder(src, shapes, spatial_shapes, level_start_index, valid_ratios, pos, padding_mask)

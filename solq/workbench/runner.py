@@ -147,6 +147,9 @@ def _failure_text(exp: Experiment, scale: str, point: Point, nb_out: Path, log: 
 def _run_point(exp: Experiment, scale: str, point: Point, out: Path, *, kernel_name: str,
                timeout: float | None) -> PointResult:
     import papermill
+
+    from solq.workbench.papermill_engine import ENGINE_NAME  # imports papermill: lazy, as above
+
     out.mkdir(parents=True, exist_ok=True)
     for stale in (MARKER, "metrics.json", "failed.json"):
         (out / stale).unlink(missing_ok=True)
@@ -162,7 +165,7 @@ def _run_point(exp: Experiment, scale: str, point: Point, out: Path, *, kernel_n
             papermill.execute_notebook(
                 str(exp.notebook), str(nb_out), parameters=params, kernel_name=kernel_name,
                 cwd=str(exp.root), progress_bar=False, stdout_file=fh, stderr_file=fh,
-                execution_timeout=timeout)
+                execution_timeout=timeout, engine_name=ENGINE_NAME)  # an Output widget cannot stall a cell
         except KeyboardInterrupt:
             raise
         except Exception as e:  # noqa: BLE001 - any failure of the point is reported, not raised
