@@ -220,3 +220,49 @@ def test_a_signal_to_one_torchrun_rank_stops_every_rank_after_the_same_step(synt
     ckpt = load_checkpoint(out / "checkpoint.pth")
     assert ckpt["step"] == step and ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert sorted(p.name for p in out.glob("checkpoint*.pth")) == ["checkpoint.pth"]  # one file, written once
+
+
+# ------------------------------------------------------------------------------------ the SLURM script
+_STUB_TRAINING = """#!{python}
+import os, signal, sys, time
+log = open(os.environ["STUB_LOG"], "a")
+log.write("torchrun " + " ".join(sys.argv[1:]) + "\\n")
+log.flush()
+got = []
+signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+deadline = time.time() + 30
+while not got and time.time() < deadline:
+    time.sleep(0.02)
+log.write(f"training got {{signal.Signals(got[0]).name if got else 'nothing'}}\\n")
+"""
+
+
+def test_slurm_script_passes_the_time_limit_warning_on_and_requeues(tmp_path):
+    """scripts/slurm_train.sh with srun/scontrol/torchrun stubs: USR1 to the batch shell reaches the training
+    command, which ends with status 0 after its checkpoint; the script then requeues the job."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "slurm_train.sh"
+    text = script.read_text()
+    assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
+    bin_dir, log = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stubs = {"srun": '#!/bin/sh\nexec "$@"\n',
+             "scontrol": '#!/bin/sh\nif [ "$1" = show ]; then echo node1; else echo "scontrol $*" >> "$STUB_LOG"; fi\n',
+             "torchrun": _STUB_TRAINING.format(python=sys.executable)}
+    for name, body in stubs.items():
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "activate").write_text("")
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_LOG": str(log), "SLURM_JOB_ID": "42",
+           "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1"}
+    proc = subprocess.Popen(["bash", str(script)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 20
+    while not (log.exists() and "torchrun" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    calls = log.read_text().splitlines()
+    assert calls[1:] == ["training got SIGUSR1", "scontrol requeue 42"], calls
+    assert "--shutdown-timeout=110" in calls[0] and "train.stop_grace_s=90" in calls[0] and "--resume auto" in calls[0]
