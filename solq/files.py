@@ -81,15 +81,28 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], *, what: s
         with _REPLACE_LOCK:
             os.replace(tmp, path)
             _PENDING.discard(tmp)
-    except OSError as exc:
+    except BaseException as exc:
         _discard(tmp)
-        raise OutputWriteError(f"cannot write the {what} {path}: {describe_os_error(exc)}; "
-                               f"any previous {path.name} is left as it was", exc.errno) from exc
-    except BaseException:
-        _discard(tmp)
-        raise
+        cause = _os_error_behind(exc)
+        if cause is None:
+            raise
+        raise OutputWriteError(f"cannot write the {what} {path}: {describe_os_error(cause)}; "
+                               f"any previous {path.name} is left as it was", cause.errno) from exc
     _sync_folder(path.parent)
     return path
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """``exc`` when it is an OSError, else the first OSError it was raised from or while handling: a writer
+    may hide the disk's error behind its own (torch.save's zip writer raises RuntimeError "unexpected pos"
+    while closing after a failed write)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _discard(tmp: Path | None) -> None:
