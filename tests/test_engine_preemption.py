@@ -143,8 +143,12 @@ def test_a_second_signal_or_the_grace_period_exits_at_once_without_a_partial_fil
     assert (tmp_path / "checkpoint.pth").read_bytes() == b"the previous checkpoint"  # intact
 
 
-def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_exits():
-    exits = []
+def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_exits(monkeypatch):
+    import solq.preemption
+
+    exits, cleanups = [], []
+    # the real one also blocks every later rename, for good: right before os._exit, not in this test process
+    monkeypatch.setattr(solq.preemption, "remove_partial_writes", lambda: cleanups.append(1) or [])
     stop = StopRequest(grace_s=0, exit=exits.append)
     assert not stop.requested and not stop.agreed()
     stop.handle(signal.SIGUSR1)
@@ -152,7 +156,7 @@ def test_a_repeat_within_the_window_is_the_same_request_and_a_later_one_exits():
     assert stop.signal_name == "SIGUSR1" and exits == [] and stop.agreed() and stop.stopping
     stop._received_at -= REPEAT_WINDOW_S
     stop.handle(signal.SIGTERM)
-    assert exits == [128 + signal.SIGUSR1]
+    assert exits == [128 + signal.SIGUSR1] and cleanups == [1]
 
 
 def test_install_hands_the_signals_back_afterwards():
