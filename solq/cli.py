@@ -84,6 +84,10 @@ def _add_train(sub) -> None:
                    help="also checkpoint every N optimiser steps, mid-epoch; sets train.save_every_steps "
                         "(default 0: per epoch only)")
     t.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    t.add_argument("--exit-code-on-stop", type=int, default=0, metavar="N",
+                   help="exit status after SIGTERM/SIGUSR1 stopped the run with a checkpoint of its last step "
+                        "(default 0; e.g. a status your cluster script requeues on). A second signal, or "
+                        "train.stop_grace_s running out, exits at once with 128 + the signal number")
     t.set_defaults(func=_cmd_train)
 
 
@@ -239,7 +243,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if _is_main_rank():
         _print_metrics(result["metrics"])
         print(f"run folder: {result['output_dir']} (epoch {result['epoch']}, step {result['step']})")
-    return 0
+    return args.exit_code_on_stop if result["stopped"] else 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -329,13 +333,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _user_errors() -> tuple:
-    """Errors whose message says everything (no traceback): unreadable checkpoints, missing inputs,
-    a non-finite loss, an ONNX export that cannot be made or does not match PyTorch."""
+    """Errors whose message says everything (no traceback): unreadable checkpoints, missing inputs, bad
+    annotation files, unwritable outputs (full disk, read-only folder), a non-finite loss, an ONNX export that
+    cannot be made or does not match PyTorch."""
+    from solq.data.validation import DatasetError
     from solq.engine.checkpoint import CheckpointError
     from solq.engine.export import ExportError
     from solq.engine.train import NonFiniteLossError
+    from solq.files import OutputWriteError
 
-    return (CheckpointError, NonFiniteLossError, FileNotFoundError, ExportError)
+    return (CheckpointError, NonFiniteLossError, FileNotFoundError, DatasetError, OutputWriteError, ExportError)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import yaml
 
 from solq.config_values import ConfigError, coerce, from_mapping, read_yaml_mapping
+from solq.files import write_text_atomic
 
 __all__ = [
     "Config", "DataConfig", "ModelConfig", "CodecConfig", "LossConfig", "TrainConfig", "EvalConfig",
@@ -179,6 +180,9 @@ class TrainConfig:
     save_every: int = 10  # epochs; the last checkpoint is always kept
     save_every_steps: int = 0  # >0 also checkpoints mid-epoch every this many optimiser steps
     log_every: int = 10  # steps
+    # seconds from a stop signal (SIGTERM/SIGUSR1) until the process exits even without its checkpoint; 0 = no
+    # limit. 90 s fits within the 120 s warning of scripts/slurm_train.sh (--signal=B:USR1@120)
+    stop_grace_s: float = 90.0
 
 
 @dataclass
@@ -224,8 +228,7 @@ class Config:
         """Serialise; write to ``path`` when given. Returns the YAML text."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
         if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text)
+            write_text_atomic(path, text, what="config file")
         return text
 
     @classmethod
@@ -315,6 +318,8 @@ def validate(cfg: Config) -> Config:
                           "model.backbone_norm must be batch or group")
     if cfg.train.accumulate < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.accumulate and train.batch_size must be >= 1")
+    if not cfg.train.stop_grace_s >= 0:
+        raise ConfigError(f"train.stop_grace_s must be >= 0 (0 = no limit), got {cfg.train.stop_grace_s}")
     return cfg
 
 

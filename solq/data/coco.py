@@ -15,6 +15,10 @@ file is not JSON, not a dict, lacks ``images`` or         error (names the file 
 ``width``/``height``/``image_id``/``category_id``
 duplicate image id or category id                         error (annotations cannot be assigned)
 duplicate annotation id                                   skip the later ones
+polygon coordinates / RLE counts not numbers, RLE size    skip ("malformed polygon", "malformed RLE")
+not [h, w], compressed counts that do not decode
+``area`` not a number >= 0, ``iscrowd`` not 0/1           skip ("invalid area", "invalid iscrowd")
+category id outside 0..100000                             error (num_classes = largest id + 1)
 annotation on an unknown image / with unknown category    skip the annotation
 bbox missing or not 4 finite numbers                      skip ("invalid bbox")
 bbox with w <= 0 or h <= 0                                skip ("degenerate bbox")
@@ -31,8 +35,10 @@ image without (non-crowd) annotations                     kept (a valid negative
 ========================================================  =========================================
 
 Construction only reads the JSON (plus one ``stat`` per image), so it is fast even on COCO train.
-All skips are counted in ``ds.report`` (a :class:`DatasetReport`) and summarised in ONE warning,
-e.g. ``skipped 3 annotations: 2 polygon with < 3 points (ann ids 5, 9), 1 empty segmentation (ann id 12)``.
+All skips are counted in ``ds.report`` (a :class:`DatasetReport`) and summarised in ONE warning that names
+the annotation file, the ids and (for images) the files, e.g. ``skipped 3 annotations: 2 polygon with < 3
+points (ann ids 5, 9), 1 empty segmentation (ann id 12) (on image id 4)``; errors name the record's position
+and ids (``images[3] has no key 'width' (id 17)``).
 ``ds.coco`` holds exactly the kept images and the annotations that passed the checks, crowd included,
 so evaluating against it matches what is trained on (and ``max_images`` subsets evaluate correctly).
 
@@ -172,14 +178,16 @@ class CocoInstances(torch.utils.data.Dataset):
                 break
             info = images[image_id]
             path = self.image_dir / info["file_name"]
-            if check == "exists" and not path.is_file():
+            if check == "exists" and not path.is_file():  # also False for names the OS refuses (NUL bytes)
                 skipped["image file missing"].append(image_id)
+                self.report.skipped_image_files[image_id] = str(path)
                 continue
             if check == "header":
                 try:
                     load_rgb(path, (info["width"], info["height"]), decode=False)
                 except ImageLoadError as exc:
                     skipped[exc.reason].append(image_id)
+                    self.report.skipped_image_files[image_id] = str(path)
                     continue
             ids.append(image_id)
         return ids
@@ -218,12 +226,42 @@ class CocoInstances(torch.utils.data.Dataset):
         if note:
             warnings.warn(note, DataWarning, stacklevel=3)
         image = tv_tensors.Image(F.pil_to_tensor(pil))
+        target = self._target(image_id)
+        if self.transforms is not None:
+            return self.transforms(image, target)
+        target["masks"] = target["masks"].to(torch.bool)
+        return F.to_dtype(image, torch.float32, scale=True), target
+
+    def target(self, index: int) -> dict:
+        """The target of ``ds[index]`` without reading the image (masks as bool [n,H,W], no transforms).
+        Raises DatasetError naming the file and the ids when a segmentation does not decode."""
+        target = self._target(self.ids[index])
+        target["masks"] = target["masks"].to(torch.bool)
+        return target
+
+    def _decode(self, image_id: int, anns: list[dict], h: int, w: int) -> torch.Tensor:
+        """decode_masks, with an error naming the annotation and image when pycocotools refuses one."""
+        try:
+            return decode_masks([a["segmentation"] for a in anns], h, w)
+        except Exception as exc:  # pycocotools raises several kinds; the checks should leave none reachable
+            for a in anns:
+                try:
+                    decode_masks([a["segmentation"]], h, w)
+                except Exception:
+                    raise DatasetError(f"{self.ann_file}: annotation id {a['id']} of image id {image_id} "
+                                       f"({self.image_dir / self._images[image_id]['file_name']}): undecodable "
+                                       f"segmentation ({type(exc).__name__}: {exc})") from exc
+            raise
+
+    def _target(self, image_id: int) -> dict:
+        info = self._images[image_id]
+        h, w = info["height"], info["width"]
         entries = self._targets[image_id]
         anns = [a for a, _ in entries]
         boxes = torch.tensor([b for _, b in entries], dtype=torch.float32).reshape(-1, 4)
-        target = {
+        return {
             "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(h, w)),
-            "masks": tv_tensors.Mask(decode_masks([a["segmentation"] for a in anns], h, w)),
+            "masks": tv_tensors.Mask(self._decode(image_id, anns, h, w)),
             "labels": torch.tensor([a["category_id"] for a in anns], dtype=torch.int64),
             "image_id": torch.tensor(image_id, dtype=torch.int64),
             "area": torch.tensor([float(a.get("area", 0.0)) for a in anns], dtype=torch.float32),
@@ -231,10 +269,6 @@ class CocoInstances(torch.utils.data.Dataset):
             "orig_size": torch.tensor([h, w], dtype=torch.int64),
             "size": torch.tensor([h, w], dtype=torch.int64),
         }
-        if self.transforms is not None:
-            return self.transforms(image, target)
-        target["masks"] = target["masks"].to(torch.bool)
-        return F.to_dtype(image, torch.float32, scale=True), target
 
     def __repr__(self) -> str:
         return (f"CocoInstances({self.ann_file.name}: {len(self)} images, {self.report.num_annotations} "

@@ -11,9 +11,7 @@ Files in a run folder: ``checkpoint.pth`` (always the newest) and ``checkpoint_e
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 
 from solq.config import Config, DataConfig, RuntimeConfig, apply_overrides, load_config, validate
+from solq.files import write_atomic
 from solq.models import build_model, pretrained
 from solq.models.official import OfficialCheckpointError, load_official_checkpoint
 
@@ -41,32 +40,14 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(state: dict, path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flush + fsync, then
-    ``os.replace``. A kill at any moment leaves either the old file or the new one, never a partial file.
+    """Write ``state`` to ``path`` atomically (:func:`solq.files.write_atomic`: a temporary file in the same
+    folder, flush + fsync, then ``os.replace``). A kill at any moment leaves either the old file or the new
+    one, never a partial file.
 
-    Returns the path written.
+    Returns the path written. Raises :class:`solq.files.OutputWriteError` naming the path and the cause
+    (no space, read-only folder, permission); the previous checkpoint at ``path`` is then intact.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-    return path
+    return write_atomic(path, lambda f: torch.save(state, f), what="checkpoint")
 
 
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:

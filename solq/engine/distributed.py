@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 __all__ = [
     "DistInfo", "init_distributed", "cleanup", "is_dist", "get_rank", "get_world_size", "is_main_process",
-    "barrier", "all_gather_object", "broadcast_object", "all_reduce_mean", "resolve_device",
+    "barrier", "all_gather_object", "broadcast_object", "all_reduce_mean", "any_rank", "resolve_device",
 ]
 
 
@@ -143,3 +143,13 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     out = values.clone()
     dist.all_reduce(out)
     return out / get_world_size()
+
+
+def any_rank(flag: bool, device: torch.device = torch.device("cpu")) -> bool:
+    """True on every rank when ``flag`` is True on at least one (``flag`` itself when not distributed).
+    ``device`` must be one the backend reduces on (the rank's GPU for NCCL)."""
+    if not is_dist():
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)

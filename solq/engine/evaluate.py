@@ -6,6 +6,7 @@ sampler pads), scored on rank 0 with ``solq.evaluation.evaluate_coco`` and the m
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
@@ -20,6 +21,7 @@ from solq.engine.checkpoint import build_from_checkpoint
 from solq.engine.logger import MeanMeter, progress
 from solq.engine.runtime import autocast, configure_runtime, to_float32
 from solq.evaluation import evaluate_boundary_ap, evaluate_coco, masks_to_rle
+from solq.files import check_writable, write_text_atomic
 
 __all__ = ["evaluate", "run_evaluation", "weighted_total", "RLEMasks", "iou_types_for"]
 
@@ -135,10 +137,13 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
 
     Runs on all torchrun processes when launched by torchrun. Writes ``metrics.json`` into ``output_dir``
     and ``bbox_results.json`` / ``segm_results.json`` (COCO results format, e.g. for test-dev) into
-    ``dump_dir`` when given. Returns the metrics dict of :func:`evaluate`.
+    ``dump_dir`` when given; both folders are checked for writability first, and every file is written
+    atomically (:class:`solq.files.OutputWriteError` names the file and the cause). Returns the metrics dict
+    of :func:`evaluate`.
     """
-    import json
-
+    for folder in (output_dir, dump_dir):
+        if folder is not None:
+            check_writable(folder)
     created = not du.is_dist()
     cfg, model, criterion, postprocessor, _ = build_from_checkpoint(checkpoint, config=config, overrides=overrides)
     configure_runtime(cfg)
@@ -153,9 +158,8 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
                            iou_types=iou_types_for(model, cfg.eval.iou_types),
                            boundary=cfg.eval.boundary, results_dir=dump_dir if info.is_main else None, progress_bar=progress_bar)
         if output_dir is not None and info.is_main:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "metrics.json").write_text(
-                json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2))
+            write_text_atomic(Path(output_dir) / "metrics.json",
+                              json.dumps({"checkpoint": str(checkpoint), **metrics}, indent=2), what="metrics file")
         return metrics
     finally:
         if created:

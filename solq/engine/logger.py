@@ -8,10 +8,13 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from tqdm import tqdm
+
+from solq.files import describe_os_error
 
 __all__ = ["RunLogger", "progress", "MeanMeter", "flatten_metrics"]
 
@@ -79,8 +82,14 @@ class RunLogger:
         if not self.enabled:
             return
         rec = {"time": round(time.time(), 3), **record}
-        self._file.write(json.dumps(_stringify(rec)) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            try:
+                self._file.write(json.dumps(_stringify(rec)) + "\n")
+                self._file.flush()
+            except OSError as exc:  # e.g. a full disk: say so once; the checkpoint writes decide whether to stop
+                warnings.warn(f"cannot write the log {self.path}: {describe_os_error(exc)}; logging to it stops "
+                              f"here", RuntimeWarning, stacklevel=2)
+                self._close_file()
         if self._tb is not None and step is not None:
             for tag, value in flatten_metrics(record).items():
                 if tag not in ("epoch", "step") and math.isfinite(value):
@@ -88,12 +97,18 @@ class RunLogger:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._close_file()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:  # its buffer could not be written either; the warning has said so
+                pass
+            self._file = None
 
     def __enter__(self) -> "RunLogger":
         return self

@@ -4,6 +4,12 @@ Recipe (as in the authors' release): AdamW with per-group learning rates, StepLR
 total norm logged, optional gradient accumulation and mixed precision (bf16, or fp16 with a GradScaler).
 A non-finite loss stops the run with :class:`NonFiniteLossError` before anything is written, so the last
 checkpoint stays the last good one. See ``solq.engine.builders`` for why runs are reproducible and resumable.
+
+Faults: SIGTERM or SIGUSR1 stops the run after the current optimiser step with a checkpoint of that step
+(:mod:`solq.preemption`; every torchrun rank stops after the same step). The run folder is checked for
+writability before anything is built, and a checkpoint or metrics write that fails (full disk, read-only
+folder) stops every rank with :class:`solq.files.OutputWriteError` naming the file and the cause, leaving the
+previous checkpoint as it was.
 """
 from __future__ import annotations
 
@@ -31,7 +37,9 @@ from solq.engine.evaluate import evaluate, iou_types_for, weighted_total
 from solq.engine.logger import MeanMeter, RunLogger, progress
 from solq.engine.optim import build_optimizer, build_scheduler
 from solq.engine.runtime import autocast, configure_runtime, seed_everything, to_float32
+from solq.files import OutputWriteError, check_writable, write_text_atomic
 from solq.models import build_model
+from solq.preemption import StopRequest
 
 __all__ = ["TrainState", "NonFiniteLossError", "train_one_epoch", "fit"]
 
@@ -73,13 +81,14 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
                     amp: str = "none", accumulate: int = 1, clip_max_norm: float = 0.1, max_steps: int = 0,
                     logger: Optional[RunLogger] = None, log_every: int = 10,
                     on_step: Optional[Callable[[TrainState], None]] = None, progress_bar: bool = True,
-                    scheduler=None) -> dict:
+                    scheduler=None, should_stop: Optional[Callable[[], bool]] = None) -> dict:
     """Train over the remaining batches of ``loader`` (already positioned at ``state.batch_in_epoch``).
 
     Every ``accumulate`` micro-batches (fewer for the epoch's last group) make one optimiser step; each
     micro-batch loss is divided by the group size, and DDP synchronises gradients only on the group's
     last micro-batch. ``state`` is updated in place after each step, then ``on_step(state)`` is called
-    (checkpointing). Stops early once ``state.step`` reaches ``max_steps`` (> 0). ``scheduler``, when given,
+    (checkpointing). Stops early once ``state.step`` reaches ``max_steps`` (> 0) or, after any step,
+    ``should_stop()`` returns True (a stop signal; a collective under torchrun). ``scheduler``, when given,
     is stepped after every optimiser step (per-step schedules; the epoch schedule is stepped by ``fit``).
 
     Returns the epoch means of "loss", the weighted terms, "class_error" and "grad_norm" (rank-averaged).
@@ -144,6 +153,8 @@ def train_one_epoch(model: torch.nn.Module, criterion, loader, optimizer: torch.
                        step=state.step, tb_prefix="train/")
         if on_step is not None:
             on_step(state)
+        if should_stop is not None and should_stop():
+            break
     bar.close()
     return meter.means()
 
@@ -184,19 +195,47 @@ def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool 
     valid checkpoint there, a path from that file. ``save_every_steps`` > 0 also checkpoints every that
     many optimiser steps (mid-epoch; resuming from it is exact); None takes ``train.save_every_steps``.
 
-    Returns {"metrics": last evaluation, "epoch", "step", "output_dir", "checkpoint", "num_classes" (taken from
-    the data when ``model.num_classes`` is 0), "codec_file" (a codec fitted for this run, else the config's)};
+    SIGTERM or SIGUSR1 (while ``fit`` runs in the main thread) ends the run after the current optimiser step
+    with a checkpoint of that step and a "stopped" log record; ``runtime.resume`` "auto" continues from it
+    exactly. A second signal, or ``train.stop_grace_s`` running out, exits the process at once
+    (:mod:`solq.preemption`).
+
+    Returns {"metrics": last evaluation ({} when stopped), "epoch", "step", "output_dir", "checkpoint",
+    "num_classes" (taken from the data when ``model.num_classes`` is 0), "codec_file" (a codec fitted for
+    this run, else the config's), "stopped" (the signal's name when a signal stopped the run, else None)};
     ``cfg`` itself is not changed: the run's completed copy is saved as ``config.yaml``.
+    Raises :class:`solq.files.OutputWriteError` (every rank) when the run folder or a checkpoint cannot be
+    written.
     """
     if save_every_steps is None:
         save_every_steps = cfg.train.save_every_steps
+    stop = StopRequest(grace_s=cfg.train.stop_grace_s).install()
     created = not du.is_dist()
-    info = du.init_distributed(cfg.runtime.dist_backend, cfg.runtime.device)
     try:
-        return _fit(cfg, info, save_every_steps, progress_bar, tensorboard)
+        info = du.init_distributed(cfg.runtime.dist_backend, cfg.runtime.device)
+        try:
+            return _fit(cfg, info, stop, save_every_steps, progress_bar, tensorboard)
+        finally:
+            if created:
+                du.cleanup()
     finally:
-        if created:
-            du.cleanup()
+        stop.uninstall()
+
+
+def _on_main_rank(info: du.DistInfo, write: Callable[[], Any]) -> None:
+    """Run ``write`` on rank 0 only; when it raises OutputWriteError, raise it on every rank (so no rank waits
+    in a collective for one that has stopped)."""
+    error = None
+    if info.is_main:
+        try:
+            write()
+        except OutputWriteError as e:
+            error = e
+    failure = du.broadcast_object(None if error is None else (str(error), error.errno))
+    if error is not None:
+        raise error
+    if failure is not None:
+        raise OutputWriteError(f"rank 0: {failure[0]}", failure[1])
 
 
 @dataclass
@@ -222,25 +261,35 @@ class _Run:
     iou_types: tuple
     started: float
     progress_bar: bool
+    stop: StopRequest
+    saved_step: int = -1  # the step of the newest checkpoint this process wrote
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank got a stop signal (a collective under torchrun: all ranks ask at the same point)."""
+        return self.stop.agreed(lambda flag: du.any_rank(flag, self.info.device))
 
     @property
     def per_step_lr(self) -> bool:
         return getattr(self.scheduler, "per_step", False)
 
     def save(self, epoch_copy: bool) -> None:
-        """Checkpoint the current state (``checkpoint.pth``; also ``checkpoint_epochNNNN.pth`` when asked)."""
+        """Checkpoint the current state (``checkpoint.pth``; also ``checkpoint_epochNNNN.pth`` when asked); rank
+        0 writes. Raises OutputWriteError on every rank when the write fails (the previous file stays)."""
         rngs = du.all_gather_object(capture_rng_state())  # every rank's RNG, so each resumes its own stream
-        if not self.info.is_main:
-            return
         st, t = self.state, self.cfg.train
-        ckpt = {"format": FORMAT, "model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "lr_scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step,
-                "batch_size": t.batch_size, "world_size": self.info.world_size, "config": self.cfg.to_dict(),
-                "rng": rngs, "categories": self.categories, "code_version": solq.code_version()}
-        save_checkpoint(ckpt, self.out / LAST_NAME)
-        if epoch_copy:
-            save_checkpoint(ckpt, self.out / epoch_checkpoint_name(st.epoch))
+
+        def write() -> None:
+            ckpt = {"format": FORMAT, "model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                    "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step,
+                    "batch_size": t.batch_size, "world_size": self.info.world_size, "config": self.cfg.to_dict(),
+                    "rng": rngs, "categories": self.categories, "code_version": solq.code_version()}
+            save_checkpoint(ckpt, self.out / LAST_NAME)
+            if epoch_copy:
+                save_checkpoint(ckpt, self.out / epoch_checkpoint_name(st.epoch))
+
+        _on_main_rank(self.info, write)
+        self.saved_step = st.step
 
     def evaluate(self) -> dict:
         """Score the model on the val set now; logged as an "eval" record."""
@@ -253,26 +302,39 @@ class _Run:
         return metrics
 
 
-def _fit(cfg: Config, info: du.DistInfo, save_every_steps: int, progress_bar: bool, tensorboard: bool) -> dict:
-    run = _build_run(cfg, info, progress_bar, tensorboard)
+def _fit(cfg: Config, info: du.DistInfo, stop: StopRequest, save_every_steps: int, progress_bar: bool,
+         tensorboard: bool) -> dict:
+    run = _build_run(cfg, info, stop, progress_bar, tensorboard)
     try:
         metrics, evaluated_at = _train_epochs(run, save_every_steps)
+        if run.stop.stopping:
+            return _stopped(run)
+        return _finish(run, metrics, evaluated_at)
     except NonFiniteLossError as e:
         last = run.out / LAST_NAME
         note = (f"; the last good checkpoint {last} is left unchanged" if last.exists()
                 else "; no checkpoint was written")
-        run.logger.log({"type": "error", "epoch": run.state.epoch, "step": e.step, "error": str(e)})
-        run.logger.close()
+        _log_error(run, e.step, str(e))
         raise NonFiniteLossError(str(e) + note, e.step, e.terms) from None
-    return _finish(run, metrics, evaluated_at)
+    except OutputWriteError as e:
+        _log_error(run, run.state.step, str(e))
+        raise
 
 
-def _build_run(cfg: Config, info: du.DistInfo, progress_bar: bool, tensorboard: bool) -> _Run:
-    """Data, codec, model, optimiser, schedule and logger of a run, resumed when ``runtime.resume`` says so."""
+def _log_error(run: _Run, step: int, message: str) -> None:
+    """An "error" record (the logger only warns when the disk is what failed), then the log is closed."""
+    run.logger.log({"type": "error", "epoch": run.state.epoch, "step": step, "error": message})
+    run.logger.close()
+
+
+def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: bool, tensorboard: bool) -> _Run:
+    """Data, codec, model, optimiser, schedule and logger of a run, resumed when ``runtime.resume`` says so.
+    The run folder is checked for writability first (OutputWriteError on every rank)."""
     configure_runtime(cfg)
     started = time.perf_counter()
     device, t = info.device, cfg.train
     out = Path(cfg.runtime.output_dir)
+    _on_main_rank(info, lambda: check_writable(out, what="run folder"))
     resume = _resume_source(cfg.runtime.resume, out)
     train_ds, val_ds = build_datasets(cfg)
     codec, codec_file = fit_codec(cfg, train_ds, out)
@@ -314,11 +376,13 @@ def _build_run(cfg: Config, info: du.DistInfo, progress_bar: bool, tensorboard: 
                 postprocessor=postprocessor, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 train_loader=train_loader, val_loader=val_loader, val_coco=val_ds.coco, state=state, logger=logger,
                 categories={int(k): str(v) for k, v in train_ds.category_names.items()},
-                iou_types=iou_types_for(bare, cfg.eval.iou_types), started=started, progress_bar=progress_bar)
+                iou_types=iou_types_for(bare, cfg.eval.iou_types), started=started, progress_bar=progress_bar,
+                stop=stop)
 
 
 def _train_epochs(run: _Run, save_every_steps: int) -> tuple[dict, int]:
-    """Epochs until ``train.epochs`` or ``train.max_steps``, checkpointing and evaluating as configured.
+    """Epochs until ``train.epochs`` or ``train.max_steps``, checkpointing and evaluating as configured, or
+    until a stop signal (``run.stop.stopping``; the checkpoint of the step it stopped after is written).
     Returns (the last evaluation's metrics, the step it was made at; -1 when none)."""
     t, state = run.cfg.train, run.state
     steps_per_epoch = len(run.train_loader)
@@ -329,16 +393,17 @@ def _train_epochs(run: _Run, save_every_steps: int) -> tuple[dict, int]:
 
     metrics: dict = {}
     evaluated_at = -1
-    while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps):
+    while state.epoch < t.epochs and not (t.max_steps and state.step >= t.max_steps) and not run.stop_agreed():
         run.train_loader.sampler.set_epoch(state.epoch, start=state.batch_in_epoch * t.batch_size)
         epoch_start = time.perf_counter()
         means = train_one_epoch(run.model, run.criterion, run.train_loader, run.optimizer, device=run.info.device,
                                 state=state, scaler=run.scaler, amp=t.amp, accumulate=t.accumulate,
                                 clip_max_norm=t.clip_max_norm, max_steps=t.max_steps, logger=run.logger,
                                 log_every=t.log_every, on_step=on_step, progress_bar=run.progress_bar,
-                                scheduler=run.scheduler if run.per_step_lr else None)
-        if state.batch_in_epoch < steps_per_epoch:  # stopped by max_steps mid-epoch
-            run.save(False)
+                                scheduler=run.scheduler if run.per_step_lr else None, should_stop=run.stop_agreed)
+        if state.batch_in_epoch < steps_per_epoch:  # stopped by max_steps or a signal mid-epoch
+            if run.saved_step != state.step:
+                run.save(False)
             break
         if not run.per_step_lr:
             run.scheduler.step()
@@ -346,6 +411,8 @@ def _train_epochs(run: _Run, save_every_steps: int) -> tuple[dict, int]:
         run.logger.log({"type": "epoch", "epoch": state.epoch, "step": state.step, **means,
                         "epoch_time": time.perf_counter() - epoch_start}, step=state.step, tb_prefix="epoch/")
         run.save(t.save_every > 0 and state.epoch % t.save_every == 0)
+        if run.stop.stopping:  # after the epoch's last step: its checkpoint is written, evaluation waits
+            break
         if t.eval_every > 0 and state.epoch % t.eval_every == 0 and state.epoch < t.epochs:
             metrics, evaluated_at = run.evaluate(), state.step
     return metrics, evaluated_at
@@ -357,13 +424,36 @@ def _finish(run: _Run, metrics: dict, evaluated_at: int) -> dict:
     if evaluated_at != state.step:
         metrics = run.evaluate()
     if run.info.is_main:
-        (run.out / "metrics.json").write_text(
-            json.dumps({"epoch": state.epoch, "step": state.step, **metrics}, indent=2))
+        write_text_atomic(run.out / "metrics.json",
+                          json.dumps({"epoch": state.epoch, "step": state.step, **metrics}, indent=2),
+                          what="metrics file")
     run.logger.log({"type": "end", "epoch": state.epoch, "step": state.step})
     run.logger.close()
+    return _result(run, metrics)
+
+
+def _stopped(run: _Run) -> dict:
+    """End a run that a signal stopped: the checkpoint of this step (unless written already), a "stopped"
+    record and message naming it; no evaluation. Returns fit's result with "stopped" set."""
+    state = run.state
+    if run.saved_step != state.step:  # e.g. a signal before the first step
+        run.save(False)
+    checkpoint = run.out / LAST_NAME
+    run.logger.log({"type": "stopped", "signal": run.stop.signal_name, "epoch": state.epoch,
+                    "batch_in_epoch": state.batch_in_epoch, "step": state.step, "checkpoint": str(checkpoint)})
+    run.logger.close()
+    rank = f"rank {run.info.rank}: " if run.info.distributed else ""  # every rank says where it stopped
+    print(f"{rank}{run.stop.signal_name}: stopped after step {state.step} (epoch {state.epoch}, batch "
+          f"{state.batch_in_epoch}); checkpoint {checkpoint}; continue with --resume auto", flush=True)
+    return _result(run, {})
+
+
+def _result(run: _Run, metrics: dict) -> dict:
+    """fit's return value (see :func:`fit`)."""
+    state = run.state
     return {"metrics": metrics, "epoch": state.epoch, "step": state.step, "output_dir": str(run.out),
             "checkpoint": str(run.out / LAST_NAME), "num_classes": run.cfg.model.num_classes,
-            "codec_file": run.cfg.codec.file}
+            "codec_file": run.cfg.codec.file, "stopped": run.stop.signal_name if run.stop.stopping else None}
 
 
 def _load_training_state(ckpt: dict, path: Path, cfg: Config, info: du.DistInfo, model, optimizer, scheduler,

@@ -18,6 +18,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from solq.files import write_text_atomic
+
 __all__ = ["COCO_STAT_NAMES", "IOU_TYPES", "evaluate_coco", "masks_to_rle", "predictions_to_coco_results",
            "write_results_json", "format_table"]
 
@@ -170,7 +172,7 @@ def write_results_json(predictions: Sequence[dict] | None, results_dir: str | Pa
         if entries is None:
             entries = predictions_to_coco_results(predictions or [], iou_type)
         path = results_dir / f"{iou_type}_results.json"
-        path.write_text(json.dumps(entries))
+        write_text_atomic(path, json.dumps(entries), what="results file")
         paths[iou_type] = path
     return paths
 

@@ -16,6 +16,7 @@ import re
 import warnings
 from pathlib import Path
 
+from solq.files import check_writable, write_text_atomic
 from solq.workbench.run_tables import DEFAULT_METRICS, Run, Table, build_table, collect_runs, load_spec
 from solq.workbench.table_rendering import plot_sweep, render_html, render_latex, render_markdown
 
@@ -31,9 +32,12 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, scale: str | None
 
     Layouts come from ``experiments_dir/<experiment>.yaml`` (default: the folder holding
     ``runs_dir``) or the runner's copy in the scale folder. Returns ``{"markdown": report.md,
-    "latex": report.tex, "html": report.html, "figures": [sweep PNGs]}`` (paths).
+    "latex": report.tex, "html": report.html, "figures": [sweep PNGs]}`` (paths). Each file is written
+    atomically; an unwritable ``out_dir`` (checked first) or a failed write raises
+    :class:`solq.files.OutputWriteError` naming the file and the cause, leaving any previous file as it was.
     """
     runs_dir, out_dir = Path(runs_dir).resolve(), Path(out_dir).resolve()
+    check_writable(out_dir, what="report folder")  # before any work
     experiments_dir = Path(experiments_dir) if experiments_dir is not None else runs_dir.parent
     problems: list[str] = []
     runs = collect_runs(runs_dir, scale, problems)
@@ -56,11 +60,10 @@ def build_report(runs_dir: str | Path, out_dir: str | Path, *, scale: str | None
     problems[:] = dict.fromkeys(problems)  # once each, in order
     for p in problems:
         warnings.warn(p, stacklevel=2)
-    out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "report.md", "latex": out_dir / "report.tex", "html": out_dir / "report.html"}
-    paths["markdown"].write_text(render_markdown(tables, out_dir, problems, runs_dir))
-    paths["latex"].write_text(render_latex(tables, out_dir))
-    paths["html"].write_text(render_html(tables, problems, runs_dir))
+    write_text_atomic(paths["markdown"], render_markdown(tables, out_dir, problems, runs_dir), what="report")
+    write_text_atomic(paths["latex"], render_latex(tables, out_dir), what="report")
+    write_text_atomic(paths["html"], render_html(tables, problems, runs_dir), what="report")
     return {**paths, "figures": [t.sweep_figure for t in tables if t.sweep_figure]}
 
 

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from solq.files import write_atomic
 from solq.workbench.run_tables import Cell, Row, Table, label_sort_key
 
 __all__ = ["render_markdown", "render_latex", "render_html", "plot_sweep", "SCALE_NOTES"]
@@ -228,6 +229,5 @@ def plot_sweep(t: Table, path: Path) -> Path | None:
         ax.legend(handles[0] + more[0], handles[1] + more[1], fontsize=8, loc="best")
     fig.suptitle(f"{t.title} [{t.scale}]", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    write_atomic(path, lambda f: fig.savefig(f, dpi=90, format="png"), what="report figure")
     return path
