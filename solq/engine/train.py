@@ -10,6 +10,9 @@ Faults: SIGTERM or SIGUSR1 stops the run after the current optimiser step with a
 writability before anything is built, and a checkpoint or metrics write that fails (full disk, read-only
 folder) stops every rank with :class:`solq.files.OutputWriteError` naming the file and the cause, leaving the
 previous checkpoint as it was.
+
+This module builds a run, trains it epoch by epoch and ends it; the run's state, saving it as a checkpoint and
+resuming from one are :mod:`solq.engine.run_state` (``TrainState`` is defined there and importable from here).
 """
 from __future__ import annotations
 
@@ -18,9 +21,8 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -31,26 +33,17 @@ from solq.data import collate
 from solq.engine import distributed as du
 from solq.engine.builders import (SeededDataset, build_datasets, build_train_loader, build_val_loader, complete_config,
                                   fit_codec, vector_statistics)
-from solq.engine.checkpoint import (FORMAT, LAST_NAME, CheckpointError, capture_rng_state, epoch_checkpoint_name,
-                                    find_resume_checkpoint, load_checkpoint, restore_rng_state, save_checkpoint)
-from solq.engine.evaluate import evaluate, iou_types_for, weighted_total
+from solq.engine.checkpoint import LAST_NAME
+from solq.engine.evaluate import iou_types_for, weighted_total
 from solq.engine.logger import MeanMeter, RunLogger, progress
 from solq.engine.optim import build_optimizer, build_scheduler
+from solq.engine.run_state import Run, TrainState, load_training_state, on_main_rank, resume_source
 from solq.engine.runtime import autocast, configure_runtime, seed_everything, to_float32
 from solq.files import OutputWriteError, check_writable, write_text_atomic
 from solq.models import build_model
 from solq.preemption import StopRequest
 
 __all__ = ["TrainState", "NonFiniteLossError", "train_one_epoch", "fit"]
-
-
-@dataclass
-class TrainState:
-    """Position of a run: ``epoch`` in progress (0-based), micro-batches of it consumed, optimiser steps."""
-
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    step: int = 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -175,17 +168,6 @@ def _unused_parameters(model, criterion, dataset, device, seed: int, rank: int) 
     return names
 
 
-def _resume_source(resume: str, out: Path) -> Optional[tuple[Path, dict]]:
-    if not resume:
-        return None
-    if resume == "auto":
-        found = find_resume_checkpoint(out)
-        if found is None:
-            print(f"resume=auto: no valid checkpoint in {out}; starting from scratch")
-        return found
-    return Path(resume), load_checkpoint(resume)
-
-
 def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool = True, tensorboard: bool = True) -> dict:
     """Train a model as ``cfg`` says, evaluating every ``train.eval_every`` epochs and at the end.
 
@@ -222,86 +204,6 @@ def fit(cfg: Config, *, save_every_steps: int | None = None, progress_bar: bool 
         stop.uninstall()
 
 
-def _on_main_rank(info: du.DistInfo, write: Callable[[], Any]) -> None:
-    """Run ``write`` on rank 0 only; when it raises OutputWriteError, raise it on every rank (so no rank waits
-    in a collective for one that has stopped)."""
-    error = None
-    if info.is_main:
-        try:
-            write()
-        except OutputWriteError as e:
-            error = e
-    failure = du.broadcast_object(None if error is None else (str(error), error.errno))
-    if error is not None:
-        raise error
-    if failure is not None:
-        raise OutputWriteError(f"rank 0: {failure[0]}", failure[1])
-
-
-@dataclass
-class _Run:
-    """What one training run holds once built (:func:`_build_run`): the loop and the saving read it."""
-
-    cfg: Config  # the run's completed copy (num_classes, codec file)
-    info: du.DistInfo
-    out: Path
-    model: torch.nn.Module  # DDP-wrapped when distributed
-    bare: torch.nn.Module  # the model itself (state dicts, evaluation)
-    criterion: torch.nn.Module
-    postprocessor: Any
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    train_loader: Any
-    val_loader: Any
-    val_coco: Any
-    state: TrainState
-    logger: RunLogger
-    categories: dict
-    iou_types: tuple
-    started: float
-    progress_bar: bool
-    stop: StopRequest
-    saved_step: int = -1  # the step of the newest checkpoint this process wrote
-
-    def stop_agreed(self) -> bool:
-        """Whether any rank got a stop signal (a collective under torchrun: all ranks ask at the same point)."""
-        return self.stop.agreed(lambda flag: du.any_rank(flag, self.info.device))
-
-    @property
-    def per_step_lr(self) -> bool:
-        return getattr(self.scheduler, "per_step", False)
-
-    def save(self, epoch_copy: bool) -> None:
-        """Checkpoint the current state (``checkpoint.pth``; also ``checkpoint_epochNNNN.pth`` when asked); rank
-        0 writes. Raises OutputWriteError on every rank when the write fails (the previous file stays)."""
-        rngs = du.all_gather_object(capture_rng_state())  # every rank's RNG, so each resumes its own stream
-        st, t = self.state, self.cfg.train
-
-        def write() -> None:
-            ckpt = {"format": FORMAT, "model": self.bare.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                    "epoch": st.epoch, "batch_in_epoch": st.batch_in_epoch, "step": st.step,
-                    "batch_size": t.batch_size, "world_size": self.info.world_size, "config": self.cfg.to_dict(),
-                    "rng": rngs, "categories": self.categories, "code_version": solq.code_version()}
-            save_checkpoint(ckpt, self.out / LAST_NAME)
-            if epoch_copy:
-                save_checkpoint(ckpt, self.out / epoch_checkpoint_name(st.epoch))
-
-        _on_main_rank(self.info, write)
-        self.saved_step = st.step
-
-    def evaluate(self) -> dict:
-        """Score the model on the val set now; logged as an "eval" record."""
-        metrics = evaluate(self.bare, self.postprocessor, self.val_loader, self.val_coco, device=self.info.device,
-                           criterion=self.criterion, amp=self.cfg.train.amp, iou_types=self.iou_types,
-                           boundary=self.cfg.eval.boundary, progress_bar=self.progress_bar)
-        self.logger.log({"type": "eval", "epoch": self.state.epoch, "step": self.state.step,
-                         "elapsed_s": round(time.perf_counter() - self.started, 1), **metrics},
-                        step=self.state.step, tb_prefix="val/")
-        return metrics
-
-
 def _fit(cfg: Config, info: du.DistInfo, stop: StopRequest, save_every_steps: int, progress_bar: bool,
          tensorboard: bool) -> dict:
     run = _build_run(cfg, info, stop, progress_bar, tensorboard)
@@ -321,21 +223,21 @@ def _fit(cfg: Config, info: du.DistInfo, stop: StopRequest, save_every_steps: in
         raise
 
 
-def _log_error(run: _Run, step: int, message: str) -> None:
+def _log_error(run: Run, step: int, message: str) -> None:
     """An "error" record (the logger only warns when the disk is what failed), then the log is closed."""
     run.logger.log({"type": "error", "epoch": run.state.epoch, "step": step, "error": message})
     run.logger.close()
 
 
-def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: bool, tensorboard: bool) -> _Run:
+def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: bool, tensorboard: bool) -> Run:
     """Data, codec, model, optimiser, schedule and logger of a run, resumed when ``runtime.resume`` says so.
     The run folder is checked for writability first (OutputWriteError on every rank)."""
     configure_runtime(cfg)
     started = time.perf_counter()
     device, t = info.device, cfg.train
     out = Path(cfg.runtime.output_dir)
-    _on_main_rank(info, lambda: check_writable(out, what="run folder"))
-    resume = _resume_source(cfg.runtime.resume, out)
+    on_main_rank(info, lambda: check_writable(out, what="run folder"))
+    resume = resume_source(cfg.runtime.resume, out)
     train_ds, val_ds = build_datasets(cfg)
     codec, codec_file = fit_codec(cfg, train_ds, out)
     cfg = complete_config(cfg, num_classes=train_ds.num_classes, codec_file=codec_file)  # the run's own copy
@@ -354,7 +256,7 @@ def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: 
     state = TrainState()
     if resume is not None:
         path, ckpt = resume
-        state = _load_training_state(ckpt, path, cfg, info, model, optimizer, scheduler, scaler)
+        state = load_training_state(ckpt, path, cfg, info, model, optimizer, scheduler, scaler)
     else:
         seed_everything(t.seed + info.rank)
     bare = model
@@ -372,7 +274,7 @@ def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: 
     logger.log({"type": "start", "code_version": solq.code_version(), "world_size": info.world_size,
                 "device": str(device), "resumed_from": str(resume[0]) if resume else None,
                 "epoch": state.epoch, "step": state.step, "config": cfg.to_dict()})
-    return _Run(cfg=cfg, info=info, out=out, model=model, bare=bare, criterion=criterion,
+    return Run(cfg=cfg, info=info, out=out, model=model, bare=bare, criterion=criterion,
                 postprocessor=postprocessor, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                 train_loader=train_loader, val_loader=val_loader, val_coco=val_ds.coco, state=state, logger=logger,
                 categories={int(k): str(v) for k, v in train_ds.category_names.items()},
@@ -380,7 +282,7 @@ def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: 
                 stop=stop)
 
 
-def _train_epochs(run: _Run, save_every_steps: int) -> tuple[dict, int]:
+def _train_epochs(run: Run, save_every_steps: int) -> tuple[dict, int]:
     """Epochs until ``train.epochs`` or ``train.max_steps``, checkpointing and evaluating as configured, or
     until a stop signal (``run.stop.stopping``; the checkpoint of the step it stopped after is written).
     Returns (the last evaluation's metrics, the step it was made at; -1 when none)."""
@@ -418,7 +320,7 @@ def _train_epochs(run: _Run, save_every_steps: int) -> tuple[dict, int]:
     return metrics, evaluated_at
 
 
-def _finish(run: _Run, metrics: dict, evaluated_at: int) -> dict:
+def _finish(run: Run, metrics: dict, evaluated_at: int) -> dict:
     """The final evaluation (unless the last epoch's is current), metrics.json, the "end" record; fit's result."""
     state = run.state
     if evaluated_at != state.step:
@@ -432,7 +334,7 @@ def _finish(run: _Run, metrics: dict, evaluated_at: int) -> dict:
     return _result(run, metrics)
 
 
-def _stopped(run: _Run) -> dict:
+def _stopped(run: Run) -> dict:
     """End a run that a signal stopped: the checkpoint of this step (unless written already), a "stopped"
     record and message naming it; no evaluation. Returns fit's result with "stopped" set."""
     state = run.state
@@ -448,38 +350,9 @@ def _stopped(run: _Run) -> dict:
     return _result(run, {})
 
 
-def _result(run: _Run, metrics: dict) -> dict:
+def _result(run: Run, metrics: dict) -> dict:
     """fit's return value (see :func:`fit`)."""
     state = run.state
     return {"metrics": metrics, "epoch": state.epoch, "step": state.step, "output_dir": str(run.out),
             "checkpoint": str(run.out / LAST_NAME), "num_classes": run.cfg.model.num_classes,
             "codec_file": run.cfg.codec.file, "stopped": run.stop.signal_name if run.stop.stopping else None}
-
-
-def _load_training_state(ckpt: dict, path: Path, cfg: Config, info: du.DistInfo, model, optimizer, scheduler,
-                         scaler) -> TrainState:
-    """Restore model/optimiser/scheduler/scaler/RNG from a solq checkpoint; returns the TrainState."""
-    if ckpt.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a solq training checkpoint (use solq eval for release weights)")
-    if ckpt["config"].get("model") != cfg.to_dict()["model"]:
-        warnings.warn(f"resuming from {path}: its model config differs from the current one", RuntimeWarning,
-                      stacklevel=3)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["lr_scheduler"])
-    if ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    state = TrainState(int(ckpt["epoch"]), int(ckpt["batch_in_epoch"]), int(ckpt["step"]))
-    same_layout = ckpt.get("world_size") == info.world_size and ckpt.get("batch_size") == cfg.train.batch_size
-    if same_layout:
-        restore_rng_state(ckpt["rng"][info.rank])
-    else:  # different process layout: keep the epoch position in images, reseed (not bit-exact)
-        seen = state.batch_in_epoch * ckpt.get("batch_size", cfg.train.batch_size) * ckpt.get("world_size", 1)
-        state.batch_in_epoch = seen // (cfg.train.batch_size * info.world_size)
-        seed_everything(cfg.train.seed + info.rank + state.step)
-        warnings.warn(f"resuming from {path} with world_size x batch_size {info.world_size}x{cfg.train.batch_size} "
-                      f"instead of {ckpt.get('world_size')}x{ckpt.get('batch_size')}: data order is kept, RNG streams "
-                      f"are reseeded", RuntimeWarning, stacklevel=3)
-    if info.is_main:
-        print(f"resumed from {path}: epoch {state.epoch}, batch {state.batch_in_epoch}, step {state.step}")
-    return state
