@@ -112,6 +112,32 @@ def test_round_trip_variants(variant, tmp_path):
             assert torch.equal(a[k], b[k]), k
 
 
+def test_standardized_codes_fold_into_the_release_head():
+    over = ["model.backbone=resnet18", "model.hidden_dim=32", "model.dim_feedforward=48", "model.nheads=4",
+            "model.enc_layers=1", "model.dec_layers=2", "model.num_queries=7", "model.num_classes=4",
+            "model.vector_hidden_dim=40", "model.dropout=0.0"]
+    cfg = load_config("smoke", RELEASE_LIKE + over + ["model.vector_standardize=true"])
+    torch.manual_seed(0)
+    m = build_detector(cfg).eval()
+    dim = m.vector_std.numel()
+    m.set_vector_statistics(torch.linspace(-2, 30, dim), torch.linspace(0.5, 9, dim))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    official = to_official_state_dict(m)
+    assert not any("vector_mean" in k or "vector_std" in k for k in official)
+    with warnings.catch_warnings(record=True):
+        cfg2, sd = load_official_checkpoint({"model": official, "args": argparse.Namespace(nheads=4, dropout=0.0)})
+    assert not cfg2.model.vector_standardize
+    m2 = build_detector(cfg2).eval()
+    m2.load_state_dict(sd, strict=True)
+    x, mask = _image(96, 96)
+    with torch.no_grad():
+        a, b = m(x, mask), m2(x, mask)
+    torch.testing.assert_close(b["pred_vectors"], a["pred_vectors"], rtol=1e-5, atol=1e-4)
+    assert torch.equal(a["pred_boxes"], b["pred_boxes"])
+
+
 def test_leftovers_dropped_and_problems_reported(release_r50):
     sd = dict(to_official_state_dict(release_r50))
     sd["total_ops"] = torch.zeros(1, dtype=torch.float64)

@@ -206,8 +206,16 @@ def to_official_state_dict(model) -> "OrderedDict[str, torch.Tensor]":
     Adds one ``vector_embed.{k}`` copy per prediction layer (same tensor), the ``transformer.decoder.
     bbox_embed`` duplicates (box refinement) and ``transformer.decoder.class_embed`` ones (two-stage);
     ordered by top-level module as the release. For the default release config: 633 keys.
+    A model with ``vector_standardize`` has its code statistics folded into the vector head's last layer
+    (weight * std, mean + std * bias), which gives the release's raw head the same outputs.
     """
     sd = model.state_dict()
+    if getattr(model, "vector_standardize", False):
+        sd = OrderedDict(sd)
+        mean, std = sd.pop("vector_mean"), sd.pop("vector_std")
+        last = f"vector_embed.layers.{len(model.vector_embed.layers) - 1}"
+        sd[f"{last}.weight"] = std[:, None] * sd[f"{last}.weight"]
+        sd[f"{last}.bias"] = torch.addcmul(mean, std, sd[f"{last}.bias"])
     num_pred = len(model.class_embed)
     items: list[tuple[str, torch.Tensor]] = []
     for k, v in sd.items():
