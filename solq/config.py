@@ -245,7 +245,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         # the CPU recipe (measured in the README): the small backbone pretrained on synthetic scenes (the smoke
         # analogue of ImageNet weights) at the transformer's lr, two-stage queries from 3 levels, IoU-aware
-        # classification, warm-up + cosine, batch 8 of 160-px inputs, thousands of distinct scenes
+        # classification, standardised mask codes, warm-up + cosine, batch 8 of 160-px inputs, thousands of scenes
         "data": {
             "train_scales": [160], "max_size": 192, "crop_resize_scales": [128, 160], "crop_min": 96,
             "crop_max": 160, "crop_prob": 0.0, "eval_size": 160, "num_workers": 0,
@@ -255,7 +255,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "backbone": "small", "backbone_norm": "batch", "freeze_stages": 0, "backbone_weights": "synthetic-small",
             "hidden_dim": 64, "dim_feedforward": 128, "nheads": 4, "enc_layers": 2, "dec_layers": 2,
             "num_queries": 30, "num_feature_levels": 3, "enc_n_points": 2, "dec_n_points": 2,
-            "vector_hidden_dim": 128, "dropout": 0.0, "two_stage": True,
+            "vector_hidden_dim": 128, "dropout": 0.0, "two_stage": True, "vector_standardize": True,
         },
         "codec": {"resolution": 64, "num_coeffs": 128},
         "loss": {"cls_loss": "quality_focal"},
