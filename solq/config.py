@@ -130,6 +130,10 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | reference | fused | triton
     aux_loss: bool = True
     sqr_frozen_detector: bool = False  # sqr: train only the mask branch (paper's two-stage protocol)
+    # sqr: the mask head's coarsest input: input_proj = the projected level before the encoder (the release's
+    # srcs[-1]) | encoder = the encoder's output there. Checkpoints whose config predates this key ran "encoder"
+    # (solq.engine.checkpoint.config_for_checkpoint)
+    sqr_mask_features: str = "input_proj"
 
 
 @dataclass
@@ -275,6 +279,7 @@ _CHOICES = {
     "model.mode": ("uqr", "sqr", "det"),
     "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "small"),
     "model.backbone_norm": ("frozen", "batch", "group"),
+    "model.sqr_mask_features": ("input_proj", "encoder"),
     "train.lr_schedule": ("step", "cosine"),
     "model.activation": ("relu", "gelu", "glu", "silu"),
     "model.attention_backend": ("auto", "reference", "fused", "triton"),
