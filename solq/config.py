@@ -91,8 +91,10 @@ class ModelConfig:
     """Network shape (as in the authors' release). ``mode``: uqr (SOLQ), sqr (D-DETR + mask branch), det (D-DETR)."""
 
     mode: str = "uqr"
+    # resnet18/34/50/101 | small (CPU runs) | swin_t/s/b/l (timm, the optional extra "swin"; as the release's
+    # swin_*_p4w7; backbone_norm, freeze_stages and dilation are for the CNNs: a Swin trains every stage)
     backbone: str = "resnet50"
-    pretrained_backbone: bool = False  # ImageNet weights need a network; never in tests
+    pretrained_backbone: bool = False  # ImageNet weights (torchvision / timm) need a network; never in tests
     # backbone weights from `solq pretrain-backbone`: a file or a shipped name (solq.models.pretrained)
     backbone_weights: str = ""
     train_backbone: bool = True  # false freezes the whole backbone
@@ -277,7 +279,8 @@ _CHOICES = {
     "codec.name": ("dct", "pca", "sparse", "flatten"),
     "codec.threshold": ("midrange", "0.5"),
     "model.mode": ("uqr", "sqr", "det"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "small"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "small", "swin_t", "swin_s", "swin_b",
+                       "swin_l"),
     "model.backbone_norm": ("frozen", "batch", "group"),
     "model.sqr_mask_features": ("input_proj", "encoder"),
     "train.lr_schedule": ("step", "cosine"),
@@ -321,6 +324,8 @@ def validate(cfg: Config) -> Config:
     if m.backbone == "small" and (m.pretrained_backbone or m.dilation or m.backbone_norm == "frozen"):
         raise ConfigError("model.backbone=small trains from scratch: no pretrained_backbone, no dilation, and "
                           "model.backbone_norm must be batch or group")
+    if m.backbone.startswith("swin_") and m.dilation:
+        raise ConfigError(f"model.dilation is for the ResNets; model.backbone={m.backbone} has none")
     if cfg.train.accumulate < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.accumulate and train.batch_size must be >= 1")
     if not cfg.train.stop_grace_s >= 0:
