@@ -10,6 +10,7 @@ Presets:
 
 - ``paper-r50``: the paper's Table 5 sizes (transformer width 256, FFN 1024, 300 queries, 6+6 layers).
 - ``release-r50``: the authors' script defaults (width 384, FFN 1024)
+- ``release-swin-l``: ``release-r50`` with the Swin-L backbone and the paper's Swin-L input sizes (Table 1)
 - ``smoke``: the CPU recipe: a small CNN pretrained on synthetic scenes, width 64, 2+2 layers, two-stage with 30
   queries, 160-px inputs, batch 8; trains on a CPU in minutes.
 """
@@ -248,6 +249,11 @@ DEMO_STEPS = 2000
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper-r50": {},
     "release-r50": {"model": {"hidden_dim": 384}},
+    # the paper's Swin-L (Table 1; the authors' issue #19: backbone swin_l_p4w7, hidden_dim 384, 22k->1k weights with
+    # model.pretrained_backbone=true): training short side in [400, 1200], long side <= 1536; the test short side is
+    # not stated: 1088, the release's commented-out Swin-L value
+    "release-swin-l": {"model": {"hidden_dim": 384, "backbone": "swin_l"},
+                       "data": {"train_scales": _scales(400, 1200), "max_size": 1536, "eval_size": 1088}},
     "smoke": {
         # the CPU recipe (measured in the README): the small backbone pretrained on synthetic scenes (the smoke
         # analogue of ImageNet weights) at the transformer's lr, two-stage queries from 3 levels, IoU-aware
