@@ -10,6 +10,7 @@ Presets:
 
 - ``paper-r50``: the paper's Table 5 sizes (transformer width 256, FFN 1024, 300 queries, 6+6 layers).
 - ``release-r50``: the authors' script defaults (width 384, FFN 1024)
+- ``release-swin-l``: ``release-r50`` with the Swin-L backbone and the paper's Swin-L input sizes (Table 1)
 - ``smoke``: the CPU recipe: a small CNN pretrained on synthetic scenes, width 64, 2+2 layers, two-stage with 30
   queries, 160-px inputs, batch 8; trains on a CPU in minutes.
 """
@@ -91,8 +92,10 @@ class ModelConfig:
     """Network shape (as in the authors' release). ``mode``: uqr (SOLQ), sqr (D-DETR + mask branch), det (D-DETR)."""
 
     mode: str = "uqr"
+    # resnet18/34/50/101 | small (CPU runs) | swin_t/s/b/l (timm, the optional extra "swin"; as the release's
+    # swin_*_p4w7; backbone_norm, freeze_stages and dilation are for the CNNs: a Swin trains every stage)
     backbone: str = "resnet50"
-    pretrained_backbone: bool = False  # ImageNet weights need a network; never in tests
+    pretrained_backbone: bool = False  # ImageNet weights (torchvision / timm) need a network; never in tests
     # backbone weights from `solq pretrain-backbone`: a file or a shipped name (solq.models.pretrained)
     backbone_weights: str = ""
     train_backbone: bool = True  # false freezes the whole backbone
@@ -130,6 +133,10 @@ class ModelConfig:
     attention_backend: str = "auto"  # auto | reference | fused | triton
     aux_loss: bool = True
     sqr_frozen_detector: bool = False  # sqr: train only the mask branch (paper's two-stage protocol)
+    # sqr: the mask head's coarsest input: input_proj = the projected level before the encoder (the release's
+    # srcs[-1]) | encoder = the encoder's output there. Checkpoints whose config predates this key ran "encoder"
+    # (solq.engine.checkpoint.config_for_checkpoint)
+    sqr_mask_features: str = "input_proj"
 
 
 @dataclass
@@ -242,6 +249,11 @@ DEMO_STEPS = 2000
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper-r50": {},
     "release-r50": {"model": {"hidden_dim": 384}},
+    # the paper's Swin-L (Table 1; the authors' issue #19: backbone swin_l_p4w7, hidden_dim 384, 22k->1k weights with
+    # model.pretrained_backbone=true): training short side in [400, 1200], long side <= 1536; the test short side is
+    # not stated: 1088, the release's commented-out Swin-L value
+    "release-swin-l": {"model": {"hidden_dim": 384, "backbone": "swin_l"},
+                       "data": {"train_scales": _scales(400, 1200), "max_size": 1536, "eval_size": 1088}},
     "smoke": {
         # the CPU recipe (measured in the README): the small backbone pretrained on synthetic scenes (the smoke
         # analogue of ImageNet weights) at the transformer's lr, two-stage queries from 3 levels, IoU-aware
@@ -273,8 +285,10 @@ _CHOICES = {
     "codec.name": ("dct", "pca", "sparse", "flatten"),
     "codec.threshold": ("midrange", "0.5"),
     "model.mode": ("uqr", "sqr", "det"),
-    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "small"),
+    "model.backbone": ("resnet18", "resnet34", "resnet50", "resnet101", "small", "swin_t", "swin_s", "swin_b",
+                       "swin_l"),
     "model.backbone_norm": ("frozen", "batch", "group"),
+    "model.sqr_mask_features": ("input_proj", "encoder"),
     "train.lr_schedule": ("step", "cosine"),
     "model.activation": ("relu", "gelu", "glu", "silu"),
     "model.attention_backend": ("auto", "reference", "fused", "triton"),
@@ -316,6 +330,8 @@ def validate(cfg: Config) -> Config:
     if m.backbone == "small" and (m.pretrained_backbone or m.dilation or m.backbone_norm == "frozen"):
         raise ConfigError("model.backbone=small trains from scratch: no pretrained_backbone, no dilation, and "
                           "model.backbone_norm must be batch or group")
+    if m.backbone.startswith("swin_") and m.dilation:
+        raise ConfigError(f"model.dilation is for the ResNets; model.backbone={m.backbone} has none")
     if cfg.train.accumulate < 1 or cfg.train.batch_size < 1:
         raise ConfigError("train.accumulate and train.batch_size must be >= 1")
     if not cfg.train.stop_grace_s >= 0:

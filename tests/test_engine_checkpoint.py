@@ -149,3 +149,16 @@ def test_config_for_checkpoint_keeps_model_and_codec_of_the_weights():
     cfg = config_for_checkpoint(saved, "smoke", ["eval.topk=7"])
     assert cfg.model.hidden_dim == 32 and cfg.codec.num_coeffs == 24 and cfg.eval.topk == 7
     assert config_for_checkpoint(saved).to_dict() == saved
+
+
+def test_stored_config_without_new_model_keys_keeps_its_trained_behaviour():
+    """A config written before model.sqr_mask_features existed ran the encoder output; new configs default to the
+    release's input-projected level, and a stored value or an override is kept as given."""
+    new = load_config("smoke", ["model.mode=sqr"]).to_dict()
+    assert new["model"]["sqr_mask_features"] == "input_proj"
+    assert config_for_checkpoint(new).model.sqr_mask_features == "input_proj"
+    old = {**new, "model": {k: v for k, v in new["model"].items() if k != "sqr_mask_features"}}
+    assert config_for_checkpoint(old).model.sqr_mask_features == "encoder"
+    assert config_for_checkpoint(old, "smoke").model.sqr_mask_features == "encoder"  # model section: the weights'
+    assert config_for_checkpoint(old, None, ["model.sqr_mask_features=input_proj"]).model.sqr_mask_features == \
+        "input_proj"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from solq.data.synthetic import generate
-from solq.engine.checkpoint import load_model_weights
+from solq.engine.checkpoint import build_from_checkpoint, load_model_weights
 from solq.engine.evaluate import run_evaluation
 from solq.models import pretrained
 from solq.viz.predictor import resolve_checkpoint
@@ -45,3 +45,22 @@ def test_uqr_still_scores_what_it_scored(tmp_path, capsys):
         kind, name = key.split("/")
         assert metrics[kind][name] == pytest.approx(stored["metrics"][key], abs=0.005), (key, json.dumps(metrics))
     assert metrics["bbox"]["AP"] > 0.3 and metrics["segm"]["AP"] > 0.2  # a model that finds the objects
+
+
+def test_sqr_runs_as_trained_and_still_scores_what_it_scored(tmp_path):
+    """smoke-sqr was trained with the encoder output as its mask head's input, before model.sqr_mask_features
+    existed: its stored config lacks the key, so it loads as "encoder" (not the new default, the release's
+    "input_proj") and scores what it scored."""
+    state = torch.load(pretrained.path("smoke-sqr"), weights_only=True)
+    assert "sqr_mask_features" not in state["config"]["model"]
+    cfg, model, _, _, _ = build_from_checkpoint("smoke-sqr")
+    assert cfg.model.sqr_mask_features == "encoder" and model.mask_features == "encoder"
+    stored = state["extra"]
+    assert "seed 1" in stored["scored_on"] and "256 px" in stored["scored_on"]
+    generate(tmp_path, 1, 100, 256, 0, val_seed=1, progress=False)
+    metrics = run_evaluation("smoke-sqr", overrides=[f"data.root={tmp_path}", "runtime.device=cpu",
+                                                      "eval.boundary=false"], progress_bar=False)
+    for key in ("bbox/AP", "segm/AP", "segm/AP50"):
+        kind, name = key.split("/")
+        assert metrics[kind][name] == pytest.approx(stored["metrics"][key], abs=0.005), (key, json.dumps(metrics))
+

@@ -28,7 +28,7 @@ __all__ = [
     "CheckpointError", "FORMAT", "LAST_NAME", "save_checkpoint", "load_checkpoint", "is_valid_checkpoint",
     "epoch_checkpoint_name", "list_checkpoints", "find_resume_checkpoint", "capture_rng_state",
     "restore_rng_state", "is_release_checkpoint", "load_model_weights", "config_for_checkpoint",
-    "build_from_checkpoint", "save_weights_only",
+    "build_from_checkpoint", "save_weights_only", "stored_config",
 ]
 
 FORMAT = "solq-checkpoint-v1"
@@ -197,14 +197,33 @@ def save_weights_only(checkpoint: str | Path, destination: str | Path, *, extra:
     return Path(destination)
 
 
+# model keys added after checkpoints were written with the behaviour they had before: {key: that behaviour}.
+# A stored config without the key gets this value, not the new default, so an old model runs as it was trained.
+_LEGACY_MODEL_DEFAULTS = {
+    # solq fed the SQR mask head the encoder output until it matched the release (srcs[-1], "input_proj");
+    # the shipped smoke-sqr model was trained that way
+    "sqr_mask_features": "encoder",
+}
+
+
+def stored_config(saved: dict) -> Config:
+    """A checkpoint's stored config dict as a Config, with :data:`_LEGACY_MODEL_DEFAULTS` filled in for model keys
+    it lacks (the behaviour it was trained with), the rest from the current defaults."""
+    model = dict(saved.get("model") or {})
+    for key, value in _LEGACY_MODEL_DEFAULTS.items():
+        model.setdefault(key, value)
+    return Config.from_dict({**saved, "model": model})
+
+
 def config_for_checkpoint(saved: Optional[dict], config: Optional[str] = None, overrides=()):
     """The Config to run a checkpoint with.
 
     Without ``config`` it is the checkpoint's own config; with ``config`` (preset or YAML) that one, except
     for the ``model`` and ``codec`` sections, which must match the weights and come from the checkpoint.
+    Model keys the stored config predates take the behaviour it was trained with (:func:`stored_config`).
     ``overrides`` ("a.b=c") are applied last. Returns a validated Config.
     """
-    stored = Config.from_dict(saved) if saved else None
+    stored = stored_config(saved) if saved else None
     if config:
         cfg = load_config(config)
         if stored is not None:

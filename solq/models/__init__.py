@@ -19,10 +19,11 @@ from .position_encoding import PositionEmbeddingSine
 from .postprocess import build_postprocessor
 from .solq import SOLQ
 from .sqr import build_sqr
+from .swin import SWIN, SwinBackbone
 from .transformer import DeformableTransformer
 
 __all__ = [
-    "build_model", "build_detector", "SOLQ", "Backbone", "Joiner", "PositionEmbeddingSine",
+    "build_model", "build_detector", "SOLQ", "Backbone", "SwinBackbone", "Joiner", "PositionEmbeddingSine",
     "DeformableTransformer", "MSDeformAttn", "ms_deform_attn_reference", "BACKENDS", "get_backend", "MLP",
     "inverse_sigmoid",
 ]
@@ -40,9 +41,13 @@ def build_detector(cfg, vector_dim: Optional[int] = None, *, initial_weights: bo
     if m.num_classes < 1:
         raise ConfigError("model.num_classes is 0: set it (max category id + 1) or let the engine take it "
                           "from the dataset before building the model")
-    body = Backbone(m.backbone, train_backbone=m.train_backbone, dilation=m.dilation,
-                    pretrained=m.pretrained_backbone and initial_weights, norm=m.backbone_norm,
-                    freeze_stages=m.freeze_stages)
+    if m.backbone in SWIN:  # Swin-T/S/B/L (timm): every stage trains, as the release; no norm/freeze options
+        body = SwinBackbone(m.backbone, train_backbone=m.train_backbone,
+                            pretrained=m.pretrained_backbone and initial_weights)
+    else:
+        body = Backbone(m.backbone, train_backbone=m.train_backbone, dilation=m.dilation,
+                        pretrained=m.pretrained_backbone and initial_weights, norm=m.backbone_norm,
+                        freeze_stages=m.freeze_stages)
     if m.backbone_weights and initial_weights:
         load_backbone_weights(body, pretrained.path(m.backbone_weights), arch=m.backbone)
     backbone = Joiner(body, PositionEmbeddingSine(m.hidden_dim // 2, normalize=True))

@@ -211,7 +211,8 @@ class SOLQ(nn.Module):
           - ``one2many_outputs`` (training with ``num_queries_one2many`` > 0): the extra group's
             ``pred_logits`` [B,Q2,C], ``pred_boxes``, ``pred_vectors`` and ``aux_outputs``; the other keys
             then describe the Q main queries only (``hs``, ``dec_attention``, references included);
-          - with ``return_intermediates``: ``hs`` [L,B,Q,d]; ``memory`` list of [B,d,H_l,W_l];
+          - with ``return_intermediates``: ``hs`` [L,B,Q,d]; ``memory`` list of [B,d,H_l,W_l] (the encoder's
+            output per level); ``srcs`` list of [B,d,H_l,W_l] (the input-projected levels, before the encoder);
             ``memory_masks`` list of bool [B,H_l,W_l]; ``features`` list of (backbone map [B,C_l,h,w],
             mask bool [B,h,w]) for C3, C4, C5 (always all three);
           - with ``return_attention``: ``dec_attention`` list (per decoder layer) of {``locations``
@@ -273,6 +274,7 @@ class SOLQ(nn.Module):
             result["hs"] = hs
             result["memory"] = [m.transpose(1, 2).reshape(B, d, h, w)
                                 for m, (h, w) in zip(memory.split(sizes, 1), t["shapes"])]
+            result["srcs"] = srcs
             result["memory_masks"] = masks
             result["features"] = features
         if return_attention:

@@ -5,8 +5,11 @@ logits:
 
 1. ``AttentionMap``: a multi-head attention map between the queries [B,Q,d] and the coarsest encoder
    memory level (stride 64 with the extra level): per head, softmax over the spatial positions -> [B,Q,M,h,w].
-2. ``MaskHead``: an FPN of 3x3 convs on [memory, attention map] (expanded per query), adding the backbone
-   maps C5, C4, C3 on the way. Each backbone map is first reduced by ``seg_input_proj``, a 3x3 stride-2
+2. ``MaskHead``: an FPN of 3x3 convs on [coarsest level, attention map] (expanded per query), adding the
+   backbone maps C5, C4, C3 on the way. The coarsest level is, as in the release (``DeformableDETRsegm.forward``
+   feeds the head ``srcs[-1]``), the input-projected level *before* the encoder (``mask_features="input_proj"``);
+   ``"encoder"`` feeds it the encoder's output at that level instead (what solq did before; the shipped
+   ``smoke-sqr`` model was trained so). Both are [B,d,h,w], so the parameters are the same. Each backbone map is first reduced by ``seg_input_proj``, a 3x3 stride-2
    conv halving its channels (R50: 2048->1024, 1024->512, 512->256), so C3 ends at stride 16 and so do
    the mask logits [B,Q,H/16,W/16].
 
@@ -22,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["AttentionMap", "MaskHead", "SQRModel", "build_sqr"]
+__all__ = ["AttentionMap", "MaskHead", "SQRModel", "build_sqr", "MASK_FEATURES"]
 
-_INTERMEDIATE_KEYS = ("hs", "memory", "memory_masks", "features")
+_INTERMEDIATE_KEYS = ("hs", "memory", "srcs", "memory_masks", "features")
+# what the mask head reads at the coarsest level: the detector's output key for each choice
+MASK_FEATURES = {"input_proj": "srcs", "encoder": "memory"}
 
 
 def _norm(channels: int, max_groups: int = 8) -> nn.GroupNorm:
@@ -110,18 +115,25 @@ class SQRModel(nn.Module):
 
     Args:
         detector: a mode-``det`` model accepting ``(images, mask, return_intermediates=True)`` and
-            returning ``hs``, ``memory``, ``memory_masks`` and ``features`` (see solq.models).
+            returning ``hs``, ``memory``, ``srcs``, ``memory_masks`` and ``features`` (see solq.models).
         freeze_detector: the paper's two-stage protocol: detector weights get ``requires_grad=False``,
             it runs under ``no_grad`` and stays in eval mode; only the mask branch trains.
         nheads: M of the attention map. The width d (``detector.hidden_dim``) and the channels of the backbone
             maps the detector returns (``detector.backbone.num_channels``, finest first) are read from the
             detector.
+        mask_features: what the mask head starts from at the coarsest level: ``"input_proj"`` (the release:
+            the input-projected level before the encoder, ``srcs[-1]``) or ``"encoder"`` (the encoder's output
+            there). The attention map reads the encoder's output either way, as the release.
     """
 
     predicts_masks = True
 
-    def __init__(self, detector: nn.Module, *, freeze_detector: bool = False, nheads: int = 8):
+    def __init__(self, detector: nn.Module, *, freeze_detector: bool = False, nheads: int = 8,
+                 mask_features: str = "input_proj"):
         super().__init__()
+        if mask_features not in MASK_FEATURES:
+            raise ValueError(f"SQRModel: mask_features {mask_features!r} is not one of {list(MASK_FEATURES)}")
+        self.mask_features = mask_features
         self.detector = detector
         self.freeze_detector = freeze_detector
         hidden_dim = detector.hidden_dim
@@ -145,7 +157,7 @@ class SQRModel(nn.Module):
                 return_attention: bool = False, targets=None) -> dict:
         """images [B,3,H,W], mask bool [B,H,W] (True = padding) -> the detector's outputs dict plus
         ``pred_masks`` [B,Q,h,w] mask logits (stride 16 of the padded input with C3 and the stride-64
-        level) and, with return_intermediates, ``hs``/``memory``/``memory_masks``/``features`` and
+        level) and, with return_intermediates, ``hs``/``memory``/``srcs``/``memory_masks``/``features`` and
         ``mask_attention`` [B,Q,M,h64,w64]."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
             extra = {"targets": targets} if targets is not None else {}  # denoising queries, when the detector has them
@@ -153,7 +165,7 @@ class SQRModel(nn.Module):
         attention = self.attention(out["hs"][-1], out["memory"][-1], out["memory_masks"][-1])
         feats = [f for f, _ in out["features"]][-len(self.seg_input_proj):][::-1]  # C5, C4, C3
         fpn = [proj(f) for proj, f in zip(self.seg_input_proj, feats)]
-        out["pred_masks"] = self.mask_head(out["memory"][-1], attention, fpn)
+        out["pred_masks"] = self.mask_head(out[MASK_FEATURES[self.mask_features]][-1], attention, fpn)
         if return_intermediates:
             out["mask_attention"] = attention
         else:
@@ -164,5 +176,7 @@ class SQRModel(nn.Module):
 
 def build_sqr(cfg, detector: nn.Module) -> SQRModel:
     """SQRModel around a mode-``det`` detector; ``cfg.model.sqr_frozen_detector`` selects the two-stage
-    protocol; the attention map's heads are ``cfg.model.nheads``."""
-    return SQRModel(detector, freeze_detector=cfg.model.sqr_frozen_detector, nheads=cfg.model.nheads)
+    protocol, ``cfg.model.sqr_mask_features`` the mask head's input; the attention map's heads are
+    ``cfg.model.nheads``."""
+    return SQRModel(detector, freeze_detector=cfg.model.sqr_frozen_detector, nheads=cfg.model.nheads,
+                    mask_features=cfg.model.sqr_mask_features)
