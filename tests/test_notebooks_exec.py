@@ -58,7 +58,7 @@ def quickstart(workdir):
 
 @pytest.fixture(scope="module")
 def sqr_run(workdir):
-    return _train(workdir, "uqr_vs_sqr", "sqr", mode="sqr", num_gallery_images=1)
+    return _train(workdir, "uqr_vs_sqr", "sqr", mode="sqr", checkpoint="", num_gallery_images=1)  # "": train
 
 
 def test_quickstart_trains_evaluates_and_draws(quickstart):
@@ -93,13 +93,42 @@ def test_uqr_vs_sqr_compares_the_two_models(workdir, sqr_run):
     assert sqr_metrics["mode"] == "sqr" and sqr_metrics["config"]["model"]["mode"] == "sqr"
     _assert_coco(sqr_metrics)
     assert (sqr_out / "predictions.png").is_file()  # sqr: no comparison, its own gallery
-    out, metrics, nb = _train(workdir, "uqr_vs_sqr", "uqr", mode="uqr", compare_run=str(sqr_out),
+    out, metrics, nb = _train(workdir, "uqr_vs_sqr", "uqr", mode="uqr", checkpoint="", compare_run=str(sqr_out),
                               num_gallery_images=2, score_threshold=0.0)
     assert metrics["compare/checkpoint"] == str(sqr_out / "run" / "checkpoint.pth")
     for name in ("SQR", "UQR"):
         assert 0.0 <= metrics[f"compare/{name}/mean_iou"] <= 1.0
     assert (out / "fig3_fig5_comparison.png").is_file() and not (out / "predictions.png").exists()
     assert _images_shown(nb) == metrics["figures"] == 2
+
+
+def test_uqr_vs_sqr_opens_on_the_shipped_models(workdir):
+    """By default the notebook trains nothing: it reads smoke-uqr, compares with smoke-sqr (Figures 3/5) and reports
+    the metrics stored in the file; a checkpoint of another mode is refused."""
+    import time
+
+    import torch
+    from papermill.exceptions import PapermillExecutionError
+
+    from solq.data.synthetic import generate
+    from solq.models import pretrained
+
+    scenes = workdir / "shipped_scenes"
+    generate(scenes, 1, 2, 64, 0, progress=False)  # two small val images for the figures
+    start = time.perf_counter()
+    out, metrics, nb = _execute(workdir, "uqr_vs_sqr", "shipped", data_root=str(scenes), num_gallery_images=1)
+    seconds = time.perf_counter() - start
+    stored = torch.load(pretrained.path("smoke-uqr"), weights_only=True)["extra"]
+    assert metrics["model/shipped"] == "smoke-uqr" and metrics["model/mode"] == metrics["mode"] == "uqr"
+    assert metrics["train/steps"] == metrics["model/steps"] == stored["steps"] and metrics["train/seconds"] == 0
+    assert metrics["segm/AP"] == stored["metrics"]["segm/AP"] and metrics["bbox/AP"] == stored["metrics"]["bbox/AP"]
+    assert metrics["compare/checkpoint"] == str(pretrained.path("smoke-sqr"))
+    assert 0.0 <= metrics["compare/UQR/mean_iou"] <= 1.0 and 0.0 <= metrics["compare/SQR/mean_iou"] <= 1.0
+    assert {p.name for p in out.glob("*.png")} == {"fig3_fig5_comparison.png"} and not (out / "run").exists()
+    assert _images_shown(nb) == metrics["figures"] == 1
+    assert seconds < 60, f"opening on the shipped models took {seconds:.0f} s"
+    with pytest.raises(PapermillExecutionError, match="'smoke-uqr' is a uqr model but mode is 'sqr'"):
+        _execute(workdir, "uqr_vs_sqr", "shipped_sqr", data_root=str(scenes), mode="sqr")
 
 
 def test_boundary_ap_of_a_shared_checkpoint(workdir, quickstart):
