@@ -214,9 +214,10 @@ def test_cli_arguments(tmp_path, capsys):
 
 
 def test_seed_names_and_parsing():
-    assert seeded_name("mode=uqr", 2) == "mode=uqr__seed=2" and seeded_name("default", 0) == "seed=0"
+    assert seeded_name("mode=uqr", 2) == "mode=uqr__seed=2" and seeded_name("default", 0) == "default__seed=0"
     assert seeded_name("mode=uqr", None) == "mode=uqr"
     for name, back in (("mode=uqr__seed=2", ("mode=uqr", 2)), ("seed=0", ("default", 0)),
+                       ("default__seed=3", ("default", 3)),
                        ("mode=uqr", ("mode=uqr", None)), ("a=1__b=x__seed=10", ("a=1__b=x", 10)),
                        ("seed=x", ("seed=x", None))):
         assert split_seed(name) == back
@@ -430,8 +431,10 @@ def test_jobs_run_points_at_once_on_their_share_of_the_cores(tmp_path, monkeypat
     path.write_text(yaml.safe_dump({"title": "Par", "notebook": "notebooks/par.ipynb", "grid": {"x": [1, 2, 3]},
                                     "scales": {"smoke": {}, "paper": {}}}))
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.chdir(tmp_path / "experiments")
     res = run_experiment(path, "smoke", runs_dir=tmp_path / "runs", progress=False, jobs=2)
     assert [(r.point, r.status) for r in res] == [("x=1", "done"), ("x=2", "done"), ("x=3", "done")]
+    assert Path.cwd() == tmp_path / "experiments"  # two jobs' papermill cwd= never leave the caller elsewhere
     m = [json.loads((r.output_dir / "metrics.json").read_text()) for r in res]
     assert m[0]["start"] < m[1]["end"] and m[1]["start"] < m[0]["end"]  # the first two overlapped
     assert {x["omp"] for x in m} == {str(max(1, (runner.os.cpu_count() or 1) // 2))}

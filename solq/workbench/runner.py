@@ -343,12 +343,16 @@ def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = 
         bar.update(1)
         return r
 
+    cwd = os.getcwd()
     with _threads_per_job(jobs):
         if jobs == 1:
             ran = [one(p) for p in pending]
         else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                ran = list(pool.map(one, pending))
+            try:
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    ran = list(pool.map(one, pending))
+            finally:  # papermill's cwd= changes the process's folder and back; interleaved, two jobs can leave
+                os.chdir(cwd)  # it in the project root (both enter the same folder, so only the restore is wrong)
     bar.close()
     results.update((r.point, r) for r in ran if r.status != "pending")
     return [results[p.name] for p in selected if p.name in results]
