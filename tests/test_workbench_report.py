@@ -296,7 +296,7 @@ def _seeded_runs(runs):
                  {"vector_loss_coef": lam, "seed": seed, **_ap(v, 0.2 + seed / 100)})
     _run(runs, B, "smoke", "vector_loss_coef=1", {"vector_loss_coef": 1, **_ap(0.5, 0.5)})
     for seed, merged in ((0, 3), (1, 5)):  # no layout: the seeds of one point share its column
-        _run(runs, "fig6_failure_cases", "smoke", f"seed={seed}", {"failures/merged": merged, "seed": seed})
+        _run(runs, "fig6_failure_cases", "smoke", f"default__seed={seed}", {"failures/merged": merged, "seed": seed})
     return runs
 
 

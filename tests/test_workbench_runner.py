@@ -473,3 +473,30 @@ def test_table3a_pca_point_codes_as_the_release_with_jittered_targets(tmp_path):
               for p in exp.points("smoke")}
     assert jitter[("uqr", "pca")] is True  # the experiment says "PCA as the release": logit jitter + sigmoid
     assert not any(v for k, v in jitter.items() if k != ("uqr", "pca"))
+
+
+def test_tables_4_and_5_read_models_of_the_main_setting():
+    """Table 4's SOLQ and Table 5's UQR are SOLQ R50 at the main setting (Sec. 4.1, batch 32: main_model), not
+    Table 2's batch-16 model; the smoke scale reads the shipped teaching models and needs no run first."""
+    runs = ROOT / "experiments" / "runs"
+    t4, t5, main = (load_experiment(ROOT / "experiments" / f"{n}.yaml", require_notebook=False)
+                    for n in ("table4_boundary_ap", "table5_efficiency", "main_model"))
+    assert [p.parameters["checkpoint"] for p in t4.points("smoke")] == ["smoke-uqr"] and t4.requires("smoke") == []
+    assert t4.points("paper", runs_dir=runs)[0].parameters["checkpoint"] == str(runs / "main_model/paper/default")
+    assert t4.points("paper", runs_dir=runs, seeds=[1])[0].parameters["checkpoint"] == str(
+        runs / "main_model/paper/default__seed=1")  # a seeded Table 4 reads the main model of its seed
+    assert t4.requires("paper") == ["main_model"]
+    for p in t5.points("smoke"):
+        assert (p.parameters["checkpoint_uqr"], p.parameters["checkpoint_sqr"]) == ("smoke-uqr", "smoke-sqr")
+    paper = t5.points("paper", runs_dir=runs)[0].parameters
+    assert paper["checkpoint_uqr"] == str(runs / "main_model/paper/default")
+    assert paper["checkpoint_sqr"] == str(runs / "table2_uqr_vs_sqr/paper/mode=sqr__backbone=resnet50")
+    [point] = main.points("paper")
+    m = point.parameters  # batch 32 = 8 GPUs x 4, ResNet-50 with four levels (the paper-r50 preset), 50 epochs
+    assert (point.name, m["mode"], m["preset"], m["batch_size"] * m["nproc_per_node"], m["epochs"]) == (
+        "default", "uqr", "paper-r50", 32, 50)
+    from solq.config import load_config
+
+    assert load_config("paper-r50").model.num_feature_levels == 4
+    [smoke] = main.points("smoke")  # the recipe of the shipped smoke-uqr (scripts/make_teaching_models.sh)
+    assert (smoke.parameters["max_steps"], smoke.parameters["batch_size"], smoke.parameters["seed"]) == (8000, 8, 42)

@@ -20,7 +20,7 @@ String parameters may use ``${runs_dir}``, ``${scale}``, ``${experiment}``, ``${
 another grid value with the same seed) and ``${<other parameter>}``.
 
 Seeds: with ``seeds`` (or ``solq run --seeds``), a grid point of name ``P`` becomes one point per seed, named
-``P__seed=N`` (``seed=N`` for the single point ``default``), whose notebook parameter ``seed`` is N; without them
+``P__seed=N`` (e.g. ``default__seed=0``), whose notebook parameter ``seed`` is N; without them
 names and parameters are as before. :func:`split_seed` reads a point name back into (grid point, seed); the report
 aggregates the seeds of one grid point into mean ± std.
 
@@ -156,17 +156,15 @@ def parse_seeds(value: Any, where: str = "seeds") -> list[int] | None:
 
 
 def seeded_name(slug: str, seed: int | None) -> str:
-    """The folder name of grid point ``slug`` run with ``seed``: ``slug__seed=N`` (``seed=N`` for the single
-    point ``default``); ``slug`` itself when ``seed`` is None."""
-    if seed is None:
-        return slug
-    return f"seed={seed}" if slug == "default" else f"{slug}__seed={seed}"
+    """The folder name of grid point ``slug`` run with ``seed``: ``slug__seed=N``; ``slug`` itself when ``seed``
+    is None."""
+    return slug if seed is None else f"{slug}__seed={seed}"
 
 
 def split_seed(name: str) -> tuple[str, int | None]:
     """A point folder name -> (its grid point's name, its seed or None): the inverse of :func:`seeded_name`,
-    e.g. ``"mode=uqr__seed=2"`` -> ``("mode=uqr", 2)``, ``"seed=0"`` -> ``("default", 0)``,
-    ``"mode=uqr"`` -> ``("mode=uqr", None)``."""
+    e.g. ``"mode=uqr__seed=2"`` -> ``("mode=uqr", 2)``, ``"mode=uqr"`` -> ``("mode=uqr", None)``; a grid whose
+    only factor is ``seed`` gives ``"seed=0"`` -> ``("default", 0)``."""
     m = _SEEDED.match(name)
     if m is None:
         return name, None
