@@ -58,7 +58,7 @@ def quickstart(workdir):
 
 @pytest.fixture(scope="module")
 def sqr_run(workdir):
-    return _train(workdir, "uqr_vs_sqr", "sqr", mode="sqr", num_gallery_images=1)
+    return _train(workdir, "uqr_vs_sqr", "sqr", mode="sqr", checkpoint="", num_gallery_images=1)  # "": train
 
 
 def test_quickstart_trains_evaluates_and_draws(quickstart):
@@ -93,7 +93,7 @@ def test_uqr_vs_sqr_compares_the_two_models(workdir, sqr_run):
     assert sqr_metrics["mode"] == "sqr" and sqr_metrics["config"]["model"]["mode"] == "sqr"
     _assert_coco(sqr_metrics)
     assert (sqr_out / "predictions.png").is_file()  # sqr: no comparison, its own gallery
-    out, metrics, nb = _train(workdir, "uqr_vs_sqr", "uqr", mode="uqr", compare_run=str(sqr_out),
+    out, metrics, nb = _train(workdir, "uqr_vs_sqr", "uqr", mode="uqr", checkpoint="", compare_run=str(sqr_out),
                               num_gallery_images=2, score_threshold=0.0)
     assert metrics["compare/checkpoint"] == str(sqr_out / "run" / "checkpoint.pth")
     for name in ("SQR", "UQR"):
@@ -102,13 +102,43 @@ def test_uqr_vs_sqr_compares_the_two_models(workdir, sqr_run):
     assert _images_shown(nb) == metrics["figures"] == 2
 
 
+def test_uqr_vs_sqr_opens_on_the_shipped_models(workdir):
+    """By default the notebook trains nothing: it reads smoke-uqr, compares with smoke-sqr (Figures 3/5) and reports
+    the metrics stored in the file; a checkpoint of another mode is refused."""
+    import time
+
+    import torch
+    from papermill.exceptions import PapermillExecutionError
+
+    from solq.data.synthetic import generate
+    from solq.models import pretrained
+
+    scenes = workdir / "shipped_scenes"
+    generate(scenes, 1, 2, 64, 0, progress=False)  # two small val images for the figures
+    start = time.perf_counter()
+    out, metrics, nb = _execute(workdir, "uqr_vs_sqr", "shipped", data_root=str(scenes), num_gallery_images=1)
+    seconds = time.perf_counter() - start
+    stored = torch.load(pretrained.path("smoke-uqr"), weights_only=True)["extra"]
+    assert metrics["model/shipped"] == "smoke-uqr" and metrics["model/mode"] == metrics["mode"] == "uqr"
+    assert metrics["train/steps"] == metrics["model/steps"] == stored["steps"] and metrics["train/seconds"] == 0
+    assert metrics["segm/AP"] == stored["metrics"]["segm/AP"] and metrics["bbox/AP"] == stored["metrics"]["bbox/AP"]
+    assert metrics["compare/checkpoint"] == str(pretrained.path("smoke-sqr"))
+    assert 0.0 <= metrics["compare/UQR/mean_iou"] <= 1.0 and 0.0 <= metrics["compare/SQR/mean_iou"] <= 1.0
+    assert {p.name for p in out.glob("*.png")} == {"fig3_fig5_comparison.png"} and not (out / "run").exists()
+    assert _images_shown(nb) == metrics["figures"] == 1
+    assert seconds < 60, f"opening on the shipped models took {seconds:.0f} s"
+    with pytest.raises(PapermillExecutionError, match="'smoke-uqr' is a uqr model but mode is 'sqr'"):
+        _execute(workdir, "uqr_vs_sqr", "shipped_sqr", data_root=str(scenes), mode="sqr")
+
+
 def test_boundary_ap_of_a_shared_checkpoint(workdir, quickstart):
     run = quickstart[0] / "run"
     out, metrics, _ = _execute(workdir, "boundary_ap", "boundary", checkpoint=str(run),
                                data_root=str(workdir / "synthetic"), max_images=2, score_threshold=0.0)
     _assert_coco(metrics, ("bbox", "segm", "boundary"))
     assert metrics["eval/num_images"] == 2 and metrics["method"] == "SOLQ"
-    assert metrics["checkpoint"] == str(run / "checkpoint.pth")
+    assert metrics["checkpoint"] == metrics["model/checkpoint"] == str(run / "checkpoint.pth")
+    assert (metrics["model/mode"], metrics["model/steps"], metrics["model/shipped"]) == ("uqr", 2, "")
     # Boundary AP takes the min of mask and boundary IoU per pair, so it never exceeds mask AP at IoU 0.5
     assert metrics["boundary/AP50"] <= metrics["segm/AP50"] + 1e-9
     assert {p.name for p in out.glob("*.png")} == {"boundary_ap_by_size.png", "boundary_bands.png"}
@@ -116,7 +146,7 @@ def test_boundary_ap_of_a_shared_checkpoint(workdir, quickstart):
 
 def test_efficiency_measures_costs_and_reads_the_run(workdir, quickstart):
     qs_out, qs_metrics, _ = quickstart
-    out, metrics, _ = _execute(workdir, "efficiency", "efficiency", mode="uqr", checkpoint=str(qs_out),
+    out, metrics, _ = _execute(workdir, "efficiency", "efficiency", mode="uqr", checkpoint_uqr=str(qs_out),
                                height=64, width=96, warmup=0, iterations=1, train_iterations=0,
                                overrides=["model.hidden_dim=32", "model.nheads=2", "model.num_queries=8",
                                           "model.vector_hidden_dim=32", "runtime.num_threads=1"])
@@ -128,6 +158,9 @@ def test_efficiency_measures_costs_and_reads_the_run(workdir, quickstart):
     # ... and its multiply-adds on one decoder layer's 8 queries (bias adds not counted)
     assert metrics["gmacs_mask_branch_last_layer"] == pytest.approx(8 * (32 * 32 + 32 * 32 + 32 * 128) / 1e9)
     assert metrics["segm/AP"] == qs_metrics["segm/AP"]
+    # the model whose mask AP is reported is named: the quickstart's run, 2 steps of batch 2
+    assert metrics["model/checkpoint"] == str(qs_out / "run" / "checkpoint.pth")
+    assert (metrics["model/mode"], metrics["model/steps"], metrics["model/batch_per_process"]) == ("uqr", 2, 2)
     assert (out / "cost_uqr.png").is_file()
 
 
@@ -225,3 +258,27 @@ def test_torchrun_command_launches_solq_train():
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc_per_node=8" in cmd
     assert cmd[cmd.index("-m", 3) + 1:][:4] == ["solq.cli", "train", "--config", "/r/requested.yaml"]
     assert cmd[cmd.index("--resume") + 1] == "auto" and cmd[cmd.index("--output") + 1] == "/r"
+
+
+def test_stored_metrics_and_model_facts(tmp_path):
+    import torch
+
+    from solq.models import pretrained
+    from solq.workbench.trained_model import model_facts, stored_metrics
+
+    stored = torch.load(pretrained.path("smoke-sqr"), weights_only=True)
+    metrics, where = stored_metrics("smoke-sqr")  # a shipped file: the metrics stored in it
+    assert metrics["segm/AP"] == stored["extra"]["metrics"]["segm/AP"] and "seed 1" in where
+    facts = model_facts(pretrained.path("smoke-sqr"))
+    assert facts["model/shipped"] == "smoke-sqr" and facts["model/mode"] == "sqr"
+    assert (facts["model/steps"], facts["model/batch_per_process"], facts["model/train_seed"]) == (
+        stored["extra"]["steps"], stored["extra"]["batch_size"], stored["extra"]["seed"])
+    point = tmp_path / "point"  # an experiment point: its flat metrics.json, the checkpoint in run/
+    (point / "run").mkdir(parents=True)
+    (point / "run" / "checkpoint.pth").write_bytes(b"not read")
+    (point / "run" / "metrics.json").write_text(json.dumps({"segm": {"AP": 0.25}}))
+    assert stored_metrics(point)[0] == {"segm/AP": 0.25}  # no point file yet: the run's (the engine's, flattened)
+    (point / "metrics.json").write_text(json.dumps({"segm/AP": 0.5, "mode": "uqr"}))
+    assert stored_metrics(point) == ({"segm/AP": 0.5}, f"recorded in {point / 'metrics.json'}")
+    assert stored_metrics(point / "run" / "checkpoint.pth")[0] == {"segm/AP": 0.25}  # the engine's, flattened
+    assert stored_metrics(tmp_path / "nothing")[0] is None

@@ -121,9 +121,11 @@ def test_table3b_layout_numbers_and_scales(built):
     md, html = paths["markdown"].read_text(), paths["html"].read_text()
     title = "Table 3b: mask vector loss weight λ_vec"
     smoke = _md_rows(md, title, "smoke")
-    header, body = smoke[0], {r[0]: r for r in smoke[1:]}
-    assert header == ["lambda_vec"] + [f"{c} {w}" for c in ["seg", "seg_50", "seg_75", "box", "box_50", "box_75"]
-                                       for w in ("paper", "ours")]
+    header, body = smoke[0], {r[0]: r[:1] + r[2:] for r in smoke[1:]}  # without n (runs per row): below
+    # a row of two seeds makes the table a seeded one: a column n after the key
+    assert header == ["lambda_vec", "n"] + [f"{c} {w}" for c in ["seg", "seg_50", "seg_75", "box", "box_50", "box_75"]
+                                            for w in ("paper", "ours")]
+    assert {r[0]: r[1] for r in smoke[1:]} == {"0.3": "1", "0.7": "–", "1": "–", "2": "2", "3": "1", "4": "1", "9": "1"}
     paper = {row[0]: row for row in paper_table(B).rows}
     # every paper row, in the paper's order, then ours without a paper row
     assert list(body) == ["0.3", "0.7", "1", "2", "3", "4", "9"]
@@ -143,14 +145,14 @@ def test_table3b_layout_numbers_and_scales(built):
     assert "10.0" not in [c for r in big.values() for c in r[2::2]]
     # HTML: same cells, two header rows (column, then paper/ours), scales in separate tables
     rows = _html_table(html, B, "smoke")
-    assert rows[0][:3] == ["lambda_vec", "seg", "seg_50"] and rows[1][:2] == ["paper", "ours"]
-    html_body = {r[0]: r for r in rows[2:]}
+    assert rows[0][:4] == ["lambda_vec", "n", "seg", "seg_50"] and rows[1][:2] == ["paper", "ours"]
+    html_body = {r[0]: r[:1] + r[2:] for r in rows[2:]}
     assert html_body["3"][1:3] == ["29.7", "11.0"] and html_body["2"][2] == "5.0 ± 1.4"
     assert {r[0] for r in _html_table(html, B, "paper")[2:]} == set(big)
     # LaTeX: a tabular with paired columns
     tex = paths["latex"].read_text()
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") >= 6
-    assert r"\multicolumn{2}{c}{seg\_50}" in tex and "3 & 29.7 & 11.0 & 53.5 & 31.0" in tex
+    assert r"\multicolumn{2}{c}{seg\_50}" in tex and "3 & 1 & 29.7 & 11.0 & 53.5 & 31.0" in tex
     assert r"5.0 $\pm$ 1.4" in tex and tex.strip().endswith(r"\end{document}")
 
 
@@ -282,3 +284,64 @@ def test_table5_reads_bench_keys_in_paper_units():
     # the paper's 0.47 GFLOPs is the last decoder layer's mask branch, not the sum over all layers
     assert uqr.paper["flops_mask_G"] == 0.47 and uqr.ours["flops_mask_G"].mean == pytest.approx(0.005)
     assert "fps" not in t.percent and "seg" in t.percent
+
+
+# ------------------------------------------------------------------------------ seeds: mean ± std, n, noise
+def _seeded_runs(runs):
+    """Table 3b at the smoke scale, three seeds per point except λ = 1 (one run): segm AP per seed."""
+    seg = {0.3: (0.10, 0.12, 0.14), 3.0: (0.13, 0.15, 0.17), 4: (0.11, 0.13, 0.15)}
+    for lam, values in seg.items():
+        for seed, v in enumerate(values):
+            _run(runs, B, "smoke", f"vector_loss_coef={lam}__seed={seed}",
+                 {"vector_loss_coef": lam, "seed": seed, **_ap(v, 0.2 + seed / 100)})
+    _run(runs, B, "smoke", "vector_loss_coef=1", {"vector_loss_coef": 1, **_ap(0.5, 0.5)})
+    for seed, merged in ((0, 3), (1, 5)):  # no layout: the seeds of one point share its column
+        _run(runs, "fig6_failure_cases", "smoke", f"default__seed={seed}", {"failures/merged": merged, "seed": seed})
+    return runs
+
+
+def test_seeded_rows_show_mean_std_n_and_the_noise_marks(tmp_path):
+    from solq.workbench.run_tables import load_spec
+
+    runs = _seeded_runs(tmp_path / "runs")
+    problems = []
+    spec = load_spec(B, "smoke", runs, EXPERIMENTS)
+    table = build_table(B, "smoke", [r for r in collect_runs(runs) if r.experiment == B], spec, problems)
+    rows = {r.label[0]: r for r in table.rows}
+    assert table.seeded and table.reference == (0.3,)  # the first row with our numbers
+    seg = {lam: rows[lam].ours["seg"] for lam in (0.3, 3, 4, 1)}
+    assert [(c.n, round(c.mean, 9), c.std and round(c.std, 9)) for c in seg.values()] == [
+        (3, 12.0, 2.0), (3, 15.0, 2.0), (3, 13.0, 2.0), (1, 50.0, None)]  # percent; sample std (n - 1)
+    # noise rule: |mean - mean_ref| < max(std, std_ref); 15 - 12 = 3 is outside, 13 - 12 = 1 inside
+    assert [c.noise for c in seg.values()] == [False, False, True, False]  # one run: never marked
+    box = rows[3].ours["box"]  # seeds 0, 1, 2 give 20, 21, 22 in every row: no difference, inside the noise
+    assert (box.mean, box.std, box.noise) == (pytest.approx(21.0), pytest.approx(1.0), True)
+    assert not problems
+    # another reference row, by its label
+    other = build_table(B, "smoke", [r for r in collect_runs(runs) if r.experiment == B],
+                        {**spec, "reference": "3"}, problems)
+    assert other.reference == (3,) and [r.ours["seg"].noise for r in other.rows if r.label[0] in (0.3, 4)] == [
+        False, False]  # 12 and 13 against 15: differences 3 and 2 are not below the larger std 2
+
+    out = build_report(runs, tmp_path / "out", experiments_dir=EXPERIMENTS)
+    md = out["markdown"].read_text()
+    title = "Table 3b: mask vector loss weight λ_vec"
+    smoke = _md_rows(md, title, "smoke")
+    body = {r[0]: r for r in smoke[1:]}
+    assert smoke[0][:4] == ["lambda_vec", "n", "seg paper", "seg ours"]
+    assert body["0.3"][1:4] == ["3", "25.2", "12.0 ± 2.0"] and body["4"][3] == "13.0 ± 2.0 ≈"
+    assert body["3"][3] == "15.0 ± 2.0" and body["1"][1:4] == ["1", "27.2", "50.0"]  # one run: as before
+    assert "inside the noise of the reference row '0.3'" in md
+    html = _html_table(out["html"].read_text(), B, "smoke")
+    assert {r[0]: r[3] for r in html[2:]}["4"] == "13.0 ± 2.0 ≈"
+    assert r"13.0 $\pm$ 2.0 $\approx$" in out["latex"].read_text()
+    assert f"{B}__smoke.png" in {p.name for p in out["figures"]}  # the sweep, with error bars
+    generic = _md_rows(md, "Figure 6: failure cases", "smoke")
+    assert generic[0] == ["metric", "n", "default"] and generic[1] == ["failures/merged", "2", "4 ± 1.414"]
+
+
+def test_single_runs_render_as_before(built):
+    md = built[1]["markdown"].read_text()
+    t2 = _md_rows(md, "Table 2: UQR vs SQR", "smoke")
+    assert "n" not in t2[0] and "≈" not in md.split("Table 2: UQR vs SQR")[1].split("###")[0]
+    assert "inside the noise" not in md.split("Table 2: UQR vs SQR")[1].split("###")[0]

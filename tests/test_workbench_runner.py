@@ -11,7 +11,8 @@ import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from solq.workbench import runner
-from solq.workbench.experiment_file import SCALES, expand_grid, load_experiment, point_slug
+from solq.workbench.experiment_file import (SCALES, expand_grid, load_experiment, parse_seeds, point_slug,
+                                            seeded_name, split_seed)
 from solq.workbench.paper import load_paper_tables
 from solq.workbench.runner import MARKER, run_experiment
 
@@ -31,7 +32,7 @@ if fail_flag and flag.exists() and int(flag.read_text()) == x:
     raise ValueError(f"x={x} is the failing value")
 out = pathlib.Path(output_dir)
 out.mkdir(parents=True, exist_ok=True)
-(out / "metrics.json").write_text(json.dumps({"segm/AP": x / 10, "note": note}))
+(out / "metrics.json").write_text(json.dumps({"segm/AP": x / 10 + seed / 1000, "note": note}))
 """
 
 
@@ -42,7 +43,7 @@ def _fake_project(tmp_path, grid=(1, 2, 3)):
     (tmp_path / "experiments").mkdir()
     nb = new_notebook(cells=[
         new_markdown_cell("# fake"),
-        new_code_cell('scale = "smoke"\noutput_dir = ""\nx = 0\nfail_flag = ""\ncounter = ""\nnote = ""',
+        new_code_cell('scale = "smoke"\noutput_dir = ""\nx = 0\nfail_flag = ""\ncounter = ""\nnote = ""\nseed = 0',
                       metadata={"tags": ["parameters"]}),
         new_code_cell(FAKE_BODY)])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
@@ -212,6 +213,87 @@ def test_cli_arguments(tmp_path, capsys):
         parser.parse_args([str(path), "--scale", "huge"])
 
 
+def test_seed_names_and_parsing():
+    assert seeded_name("mode=uqr", 2) == "mode=uqr__seed=2" and seeded_name("default", 0) == "default__seed=0"
+    assert seeded_name("mode=uqr", None) == "mode=uqr"
+    for name, back in (("mode=uqr__seed=2", ("mode=uqr", 2)), ("seed=0", ("default", 0)),
+                       ("default__seed=3", ("default", 3)),
+                       ("mode=uqr", ("mode=uqr", None)), ("a=1__b=x__seed=10", ("a=1__b=x", 10)),
+                       ("seed=x", ("seed=x", None))):
+        assert split_seed(name) == back
+    assert parse_seeds("0,1, 2") == [0, 1, 2] and parse_seeds([3, 1]) == [3, 1] and parse_seeds(5) == [5]
+    assert parse_seeds(None) is None and parse_seeds([]) is None and parse_seeds("") is None
+    for bad, why in (("0,x", "comma-separated integers"), ([0, 0], "repeat"), ([-1], "non-negative"),
+                     ([True], "non-negative"), ({"a": 1}, "list of non-negative")):
+        with pytest.raises(ValueError, match=why):
+            parse_seeds(bad)
+
+
+def test_seeds_expand_the_grid_into_distinct_points(tmp_path):
+    path = _fake_project(tmp_path, grid=(1, 2))
+    spec = yaml.safe_load(path.read_text())
+    spec["parameters"]["note"] = "from ${seed_suffix}: x=${x}, seed ${seed}"
+    spec["scales"]["smoke"]["parameters"] = {}
+    path.write_text(yaml.safe_dump({**spec, "seeds": [0, 1, 2]}))
+    exp = load_experiment(path)
+    points = exp.points("smoke", runs_dir=tmp_path / "runs")
+    assert [p.name for p in points] == [f"x={x}__seed={s}" for x in (1, 2) for s in (0, 1, 2)]
+    assert [(p.values, p.seed, p.parameters["seed"]) for p in points[:2]] == [({"x": 1}, 0, 0), ({"x": 1}, 1, 1)]
+    assert points[4].parameters["note"] == "from __seed=1: x=2, seed 1"  # ${seed_suffix} names the seed's points
+    assert [p.name for p in exp.points("smoke", seeds="7")] == ["x=1__seed=7", "x=2__seed=7"]  # --seeds replaces
+    assert [p.name for p in exp.points("paper")] == [f"x=7__seed={s}" for s in (0, 1, 2)]
+    # a scale's seeds replace the top-level ones; without seeds, names and parameters are as before
+    spec["scales"]["paper"]["seeds"] = [5]
+    spec["parameters"]["note"] = "from ${seed_suffix}."
+    path.write_text(yaml.safe_dump(spec))
+    assert [p.name for p in load_experiment(path).points("paper")] == ["x=7__seed=5"]
+    plain = load_experiment(path).points("smoke")
+    assert [p.name for p in plain] == ["x=1", "x=2"] and plain[0].seed is None and "seed" not in plain[0].parameters
+    assert plain[0].parameters["note"] == "from ."  # unseeded: an empty suffix names the plain points
+    for bad in ({"seeds": [0, 0]}, {"seeds": "a"}):
+        path.write_text(yaml.safe_dump({**spec, **bad}))
+        with pytest.raises(ValueError, match=r"fake\.yaml: seeds"):
+            load_experiment(path)
+    path.write_text(yaml.safe_dump({**spec, "seeds": [0], "grid": {"x": [1], "seed": [3]}}))
+    with pytest.raises(ValueError, match="'seed' is both a grid value or override and given by seeds"):
+        load_experiment(path).points("smoke")
+
+
+def test_seeded_points_run_into_distinct_folders_and_resume(tmp_path, capsys):
+    path = _fake_project(tmp_path, grid=(1, 2))
+    runs = tmp_path / "runs"
+    res = run_experiment(path, "smoke", runs_dir=runs, seeds=[0, 1], points=["x=1__*"], progress=False)
+    assert [(r.point, r.status) for r in res] == [("x=1__seed=0", "done"), ("x=1__seed=1", "done")]
+    for seed in (0, 1):
+        metrics = json.loads((runs / "fake" / "smoke" / f"x=1__seed={seed}" / "metrics.json").read_text())
+        assert metrics["seed"] == seed and metrics["parameters"]["seed"] == seed and metrics["x"] == 1
+        assert metrics["segm/AP"] == pytest.approx(0.1 + seed / 1000)  # the notebook ran with its seed
+    assert sorted(d.name for d in (runs / "fake" / "smoke").iterdir() if d.is_dir()) == ["x=1__seed=0", "x=1__seed=1"]
+    again = run_experiment(path, "smoke", runs_dir=runs, seeds="0,1", progress=False, dry_run=True)
+    assert [(r.point, r.status) for r in again] == [("x=1__seed=0", "skipped"), ("x=1__seed=1", "skipped"),
+                                                    ("x=2__seed=0", "pending"), ("x=2__seed=1", "pending")]
+    # the command line: --seeds on solq run, --dry-run lists the seeded points
+    from solq.cli import main
+
+    assert main(["run", str(path), "--scale", "smoke", "--runs-dir", str(runs), "--seeds", "0,1,2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for point, status in (("x=1__seed=0", "skipped"), ("x=1__seed=2", "pending"), ("x=2__seed=1", "pending")):
+        assert f"{status:8s} fake/smoke/{point}" in out
+    assert "6 of 6 points ok" in out
+    with pytest.raises(SystemExit):
+        main(["run", str(path), "--scale", "smoke", "--seeds", "1,1"])
+    assert "--seeds: seeds repeat" in capsys.readouterr().err
+
+
+def test_scale_requires_replace_the_top_level_ones(tmp_path):
+    path = _fake_project(tmp_path)
+    spec = yaml.safe_load(path.read_text())
+    spec["scales"]["smoke"]["requires"] = []
+    path.write_text(yaml.safe_dump({**spec, "requires": ["table2_uqr_vs_sqr"]}))
+    exp = load_experiment(path)
+    assert exp.requires("smoke") == [] and exp.requires("paper") == ["table2_uqr_vs_sqr"]
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_shipped_experiment(path):
     exp = load_experiment(path, require_notebook=False)
@@ -252,7 +334,7 @@ def test_experiment_parameters_exist_in_notebook(path):
         pytest.skip(f"{exp.notebook.name} not written yet")
     declared = set(papermill.inspect_notebook(str(exp.notebook)))
     for scale in SCALES:
-        for p in exp.points(scale):
+        for p in exp.points(scale) + exp.points(scale, seeds=[0, 1]):  # every experiment can run with seeds
             assert set(p.parameters) | {"output_dir"} <= declared, (
                 f"{path.name} [{scale}]: {sorted(set(p.parameters) | {'output_dir'} - declared)} "
                 f"not parameters of {exp.notebook.name}")
@@ -349,8 +431,10 @@ def test_jobs_run_points_at_once_on_their_share_of_the_cores(tmp_path, monkeypat
     path.write_text(yaml.safe_dump({"title": "Par", "notebook": "notebooks/par.ipynb", "grid": {"x": [1, 2, 3]},
                                     "scales": {"smoke": {}, "paper": {}}}))
     monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    monkeypatch.chdir(tmp_path / "experiments")
     res = run_experiment(path, "smoke", runs_dir=tmp_path / "runs", progress=False, jobs=2)
     assert [(r.point, r.status) for r in res] == [("x=1", "done"), ("x=2", "done"), ("x=3", "done")]
+    assert Path.cwd() == tmp_path / "experiments"  # two jobs' papermill cwd= never leave the caller elsewhere
     m = [json.loads((r.output_dir / "metrics.json").read_text()) for r in res]
     assert m[0]["start"] < m[1]["end"] and m[1]["start"] < m[0]["end"]  # the first two overlapped
     assert {x["omp"] for x in m} == {str(max(1, (runner.os.cpu_count() or 1) // 2))}
@@ -389,3 +473,30 @@ def test_table3a_pca_point_codes_as_the_release_with_jittered_targets(tmp_path):
               for p in exp.points("smoke")}
     assert jitter[("uqr", "pca")] is True  # the experiment says "PCA as the release": logit jitter + sigmoid
     assert not any(v for k, v in jitter.items() if k != ("uqr", "pca"))
+
+
+def test_tables_4_and_5_read_models_of_the_main_setting():
+    """Table 4's SOLQ and Table 5's UQR are SOLQ R50 at the main setting (Sec. 4.1, batch 32: main_model), not
+    Table 2's batch-16 model; the smoke scale reads the shipped teaching models and needs no run first."""
+    runs = ROOT / "experiments" / "runs"
+    t4, t5, main = (load_experiment(ROOT / "experiments" / f"{n}.yaml", require_notebook=False)
+                    for n in ("table4_boundary_ap", "table5_efficiency", "main_model"))
+    assert [p.parameters["checkpoint"] for p in t4.points("smoke")] == ["smoke-uqr"] and t4.requires("smoke") == []
+    assert t4.points("paper", runs_dir=runs)[0].parameters["checkpoint"] == str(runs / "main_model/paper/default")
+    assert t4.points("paper", runs_dir=runs, seeds=[1])[0].parameters["checkpoint"] == str(
+        runs / "main_model/paper/default__seed=1")  # a seeded Table 4 reads the main model of its seed
+    assert t4.requires("paper") == ["main_model"]
+    for p in t5.points("smoke"):
+        assert (p.parameters["checkpoint_uqr"], p.parameters["checkpoint_sqr"]) == ("smoke-uqr", "smoke-sqr")
+    paper = t5.points("paper", runs_dir=runs)[0].parameters
+    assert paper["checkpoint_uqr"] == str(runs / "main_model/paper/default")
+    assert paper["checkpoint_sqr"] == str(runs / "table2_uqr_vs_sqr/paper/mode=sqr__backbone=resnet50")
+    [point] = main.points("paper")
+    m = point.parameters  # batch 32 = 8 GPUs x 4, ResNet-50 with four levels (the paper-r50 preset), 50 epochs
+    assert (point.name, m["mode"], m["preset"], m["batch_size"] * m["nproc_per_node"], m["epochs"]) == (
+        "default", "uqr", "paper-r50", 32, 50)
+    from solq.config import load_config
+
+    assert load_config("paper-r50").model.num_feature_levels == 4
+    [smoke] = main.points("smoke")  # the recipe of the shipped smoke-uqr (scripts/make_teaching_models.sh)
+    assert (smoke.parameters["max_steps"], smoke.parameters["batch_size"], smoke.parameters["seed"]) == (8000, 8, 42)

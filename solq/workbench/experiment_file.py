@@ -8,13 +8,21 @@ An experiment YAML (see ``experiments/``)::
     requires: [table2_uqr_vs_sqr]        # experiments whose runs at the same scale this one reads
     parameters: {...}                    # notebook parameters shared by every scale and point
     grid: {vector_loss_coef: [0.3, 1]}   # factor(s) under study: product of lists, or a list of points
+    seeds: [0, 1, 2]                     # optional: every grid point runs once per seed (notebook parameter seed)
     scales:                              # exactly the scales `smoke` and `paper`, each with
-      smoke: {description, parameters, grid (replaces the top-level grid), timeout (s per cell)}
+      smoke: {description, parameters, grid (replaces the top-level grid), seeds and requires (replace the
+              top-level ones), timeout (s per cell)}
       paper: {...}
     report: {...}                        # table layout, read by solq.workbench.report (run_tables)
 
-String parameters may use ``${runs_dir}``, ``${scale}``, ``${experiment}``, ``${root}`` (project root)
-and ``${<other parameter>}``.
+String parameters may use ``${runs_dir}``, ``${scale}``, ``${experiment}``, ``${root}`` (project root),
+``${seed_suffix}`` (``__seed=N`` in a seeded point, else empty: ``.../mode=sqr${seed_suffix}`` names the point of
+another grid value with the same seed) and ``${<other parameter>}``.
+
+Seeds: with ``seeds`` (or ``solq run --seeds``), a grid point of name ``P`` becomes one point per seed, named
+``P__seed=N`` (e.g. ``default__seed=0``), whose notebook parameter ``seed`` is N; without them
+names and parameters are as before. :func:`split_seed` reads a point name back into (grid point, seed); the report
+aggregates the seeds of one grid point into mean ± std.
 
 - :func:`load_experiment` -> :class:`Experiment`; ``Experiment.points(scale)`` -> the grid's :class:`Point` list
   with resolved parameters (ValueError names the file and the key at fault).
@@ -36,23 +44,26 @@ from typing import Any
 
 from solq.config import read_yaml_mapping
 
-__all__ = ["Experiment", "Point", "load_experiment", "expand_grid", "point_slug", "SCALES"]
+__all__ = ["Experiment", "Point", "load_experiment", "expand_grid", "point_slug", "seeded_name", "split_seed",
+           "parse_seeds", "SCALES"]
 
 SCALES = ("smoke", "paper")
-_TOP_KEYS = {"name", "title", "claim", "description", "notebook", "requires", "parameters", "grid",
+_TOP_KEYS = {"name", "title", "claim", "description", "notebook", "requires", "parameters", "grid", "seeds",
              "scales", "report"}
-_SCALE_KEYS = {"description", "parameters", "grid", "timeout", "report"}
+_SCALE_KEYS = {"description", "parameters", "grid", "seeds", "requires", "timeout", "report"}
+_SEEDED = re.compile(r"^(?:(?P<group>.+)__)?seed=(?P<seed>\d+)$")
 _INJECTED = ("scale", "output_dir")
 
 
 @dataclass
 class Point:
-    """One grid point: ``name`` (stable slug of ``values``), the grid ``values``, and all notebook
-    ``parameters`` (without ``output_dir``)."""
+    """One grid point: ``name`` (stable slug of ``values``, with ``__seed=N`` when seeded), the grid ``values``
+    (without the seed), all notebook ``parameters`` (without ``output_dir``) and its ``seed`` (None: unseeded)."""
 
     name: str
     values: dict
     parameters: dict
+    seed: int | None = None
 
 
 @dataclass
@@ -71,13 +82,29 @@ class Experiment:
             raise ValueError(f"{self.path}: no scale {scale!r}; scales: {sorted(self.raw['scales'])}")
         return self.raw["scales"][scale] or {}
 
-    def points(self, scale: str, overrides: dict | None = None, runs_dir: str | Path = "experiments/runs"
-               ) -> list[Point]:
-        """The grid points at ``scale``, in grid order, with resolved parameters."""
+    def requires(self, scale: str) -> list[str]:
+        """The experiments whose runs at ``scale`` this one reads: ``scales.<scale>.requires``, else the
+        top-level ``requires`` (empty when neither)."""
+        spec = self.scale_spec(scale)
+        return list(spec["requires"] if "requires" in spec else self.raw.get("requires") or [])
+
+    def seeds(self, scale: str, override: Any = None) -> list[int] | None:
+        """The seeds each grid point runs with at ``scale``: ``override`` (e.g. ``solq run --seeds``) when given,
+        else ``scales.<scale>.seeds``, else the top-level ``seeds``; None when unseeded (see :func:`parse_seeds`)."""
+        spec = self.scale_spec(scale)
+        raw = override if override is not None else spec.get("seeds", self.raw.get("seeds"))
+        return parse_seeds(raw, where=f"{self.path}: seeds")
+
+    def points(self, scale: str, overrides: dict | None = None, runs_dir: str | Path = "experiments/runs",
+               seeds: Any = None) -> list[Point]:
+        """The grid points at ``scale``, in grid order (each one's seeds in a row), with resolved parameters.
+
+        ``seeds``: replaces the YAML's (:meth:`seeds`); a seeded grid point becomes one point per seed."""
         spec = self.scale_spec(scale)
         grid = spec.get("grid", self.raw.get("grid"))
         base = {**(self.raw.get("parameters") or {}), **(spec.get("parameters") or {})}
         overrides = dict(overrides or {})
+        seed_list = self.seeds(scale, seeds)
         points, seen = [], {}
         for values in expand_grid(grid, where=f"{self.path}: grid"):
             clash = sorted(set(values) & set(overrides))
@@ -87,15 +114,61 @@ class Experiment:
             for key in _INJECTED:
                 if key in base or key in values:
                     raise ValueError(f"{self.path}: parameter {key!r} is set by the runner; remove it")
-            params = {**base, **values, **overrides, "scale": scale}
-            params = _substitute(params, {"runs_dir": str(Path(runs_dir).resolve()), "scale": scale,
-                                          "experiment": self.name, "root": str(self.root)}, self.path)
-            name = point_slug(values)
-            if name in seen:
-                raise ValueError(f"{self.path}: grid points {seen[name]} and {values} share the name {name!r}")
-            seen[name] = values
-            points.append(Point(name, values, params))
+            if seed_list is not None and ("seed" in values or "seed" in overrides):
+                raise ValueError(f"{self.path}: 'seed' is both a grid value or override and given by seeds "
+                                 f"{seed_list}; use one of them")
+            slug = point_slug(values)
+            for seed in seed_list or [None]:
+                params = {**base, **values, **overrides, "scale": scale}
+                if seed is not None:
+                    params["seed"] = seed
+                suffix = "" if seed is None else f"__seed={seed}"
+                params = _substitute(params, {"runs_dir": str(Path(runs_dir).resolve()), "scale": scale,
+                                              "experiment": self.name, "root": str(self.root),
+                                              "seed_suffix": suffix}, self.path)
+                name = seeded_name(slug, seed)
+                if name in seen:
+                    raise ValueError(f"{self.path}: grid points {seen[name]} and {values} share the name {name!r}")
+                seen[name] = values
+                points.append(Point(name, values, params, seed))
         return points
+
+
+def parse_seeds(value: Any, where: str = "seeds") -> list[int] | None:
+    """Seeds from a YAML list (``[0, 1, 2]``) or a command-line string (``"0,1,2"``): distinct non-negative
+    integers in the order given. None or an empty list/string -> None (unseeded). Raises ValueError naming
+    ``where`` otherwise."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = [int(v) for v in value.replace(" ", "").split(",") if v != ""]
+        except ValueError:
+            raise ValueError(f"{where}: expected comma-separated integers such as 0,1,2, got {value!r}") from None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                              for v in value):
+        raise ValueError(f"{where}: expected a list of non-negative integers, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{where}: seeds repeat in {value}")
+    return list(value) or None
+
+
+def seeded_name(slug: str, seed: int | None) -> str:
+    """The folder name of grid point ``slug`` run with ``seed``: ``slug__seed=N``; ``slug`` itself when ``seed``
+    is None."""
+    return slug if seed is None else f"{slug}__seed={seed}"
+
+
+def split_seed(name: str) -> tuple[str, int | None]:
+    """A point folder name -> (its grid point's name, its seed or None): the inverse of :func:`seeded_name`,
+    e.g. ``"mode=uqr__seed=2"`` -> ``("mode=uqr", 2)``, ``"mode=uqr"`` -> ``("mode=uqr", None)``; a grid whose
+    only factor is ``seed`` gives ``"seed=0"`` -> ``("default", 0)``."""
+    m = _SEEDED.match(name)
+    if m is None:
+        return name, None
+    return m.group("group") or "default", int(m.group("seed"))
 
 
 def _substitute(params: dict, builtins: dict, where: Path) -> dict:
@@ -183,6 +256,9 @@ def load_experiment(path: str | Path, *, require_notebook: bool = True) -> Exper
         bad = sorted(set(spec or {}) - _SCALE_KEYS)
         if bad:
             raise ValueError(f"{path}: scales.{s}: unknown key(s) {bad}; valid keys: {sorted(_SCALE_KEYS)}")
+    for s, spec in [(None, raw), *scales.items()]:
+        where = f"{path}: " + ("seeds" if s is None else f"scales.{s}.seeds")
+        parse_seeds((spec or {}).get("seeds"), where=where)  # raises naming the file and the key
     for key in ("parameters",):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ValueError(f"{path}: {key!r} must be a mapping")

@@ -18,9 +18,19 @@ else the copy the runner stores in the scale folder); ``scales.<scale>.report`` 
       percent: [..]                             # columns shown x100 (default: keys under segm/ bbox/ boundary/)
       factor: {params_mask_M: 1.0e-6}           # column -> multiplier (units)
       plot: {metrics: [seg, box], log_x: false} # or false
+      reference: "3.0"                          # row the noise rule compares with (its key values joined by
+                                                # " / "); default: the first row with our numbers
     # or  layout: keyed, pattern: '^coding/(?P<codec>[^/]+)/(?P<metric>.+)$', columns: [...]
 
-Without a layout, a table lists every numeric metric of every point.
+Without a layout, a table lists every numeric metric of every grid point.
+
+Seeds. The runs of one grid point with different seeds (folders ``<point>__seed=N``) fall into one row (or, in a
+table without a layout, one column): each cell is their mean, with the sample std (n - 1) and n when n > 1.
+The noise rule (:func:`mark_noise`): in a table with several seeds per row, every cell of our numbers whose
+difference from the same column of the reference row is smaller than the larger of the two standard deviations,
+|mean - mean_ref| < max(std, std_ref), is marked ``noise`` ("inside the noise"); a cell or reference with one run
+(no std) is never marked. A screen, not a significance test: with 3 seeds a difference just above it may still be
+chance.
 """
 from __future__ import annotations
 
@@ -32,20 +42,22 @@ from pathlib import Path
 
 import yaml
 
+from solq.workbench.experiment_file import split_seed
 from solq.workbench.paper import paper_table, same_value
 
 __all__ = ["Run", "Cell", "Row", "Table", "collect_runs", "load_spec", "build_table", "label_sort_key",
-           "DEFAULT_METRICS", "PERCENT_PREFIXES", "RESERVED"]
+           "mark_noise", "row_name", "DEFAULT_METRICS", "PERCENT_PREFIXES", "RESERVED"]
 
 _AP = {"": "AP", "_50": "AP50", "_75": "AP75", "_S": "APs", "_M": "APm", "_L": "APl"}
 DEFAULT_METRICS = {f"{s}{suf}": f"{k}/{ap}" for s, k in (("seg", "segm"), ("box", "bbox")) for suf, ap in _AP.items()}
 PERCENT_PREFIXES = ("segm/", "bbox/", "boundary/")
-RESERVED = {"experiment", "scale", "point", "code_version", "config", "parameters"}
+RESERVED = {"experiment", "scale", "point", "code_version", "config", "parameters", "seed"}
 
 
 @dataclass
 class Run:
-    """One finished point: where it lies, its scalar metrics and the notebook parameters it ran with."""
+    """One finished point: where it lies, its scalar metrics and the notebook parameters it ran with; ``group``
+    is its grid point's name (the folder name without ``__seed=N``) and ``seed`` its seed (None: unseeded)."""
 
     experiment: str
     scale: str
@@ -54,12 +66,24 @@ class Run:
     metrics: dict
     parameters: dict = field(default_factory=dict)
 
+    @property
+    def group(self) -> str:
+        return split_seed(self.point)[0]
+
+    @property
+    def seed(self) -> int | None:
+        return split_seed(self.point)[1]
+
 
 @dataclass
 class Cell:
+    """Our number in one table cell: the ``mean`` of ``n`` runs (seeds), their sample ``std`` (None when
+    n < 2), and ``noise``: True when its difference from the reference row is inside the noise (module doc)."""
+
     mean: float | None
     std: float | None = None
     n: int = 0
+    noise: bool = False
 
 
 @dataclass
@@ -85,6 +109,12 @@ class Table:
     plot: dict | None = None
     sweep_figure: Path | None = None
     run_figures: list = field(default_factory=list)  # (point, path)
+    reference: tuple | None = None  # label of the row the noise rule compared with (None: no rule applied)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether some cell of ours aggregates several runs (then rows show n and the noise marks)."""
+        return any(c.n > 1 for r in self.rows for c in r.ours.values())
 
 
 def collect_runs(runs_dir: str | Path, scale: str | None = None, problems: list | None = None) -> list[Run]:
@@ -175,7 +205,7 @@ def label_sort_key(label: tuple) -> tuple:
 
 def _key_of(run: Run, spec: dict, problems: list) -> tuple:
     if not spec["match"]:
-        return (run.point,)
+        return (run.group,)
     labels = {col: {str(k): v for k, v in (m or {}).items()} for col, m in (spec.get("labels") or {}).items()}
     key = []
     for col, template in spec["match"].items():
@@ -228,9 +258,44 @@ def build_table(experiment: str, scale: str, runs: list[Run], spec: dict, proble
     if plot is not False:
         plot = dict(plot or {})
         plot.setdefault("metrics", [c for c in ("seg", "box") if c in columns] or columns[:2])
-    return Table(key_columns=list(spec["match"]) or ["run"], columns=columns, rows=rows,
-                 has_paper=ptable is not None, caption=ptable.caption if ptable else "", percent=percent,
-                 plot=plot or None, **common)
+    table = Table(key_columns=list(spec["match"]) or ["run"], columns=columns, rows=rows,
+                  has_paper=ptable is not None, caption=ptable.caption if ptable else "", percent=percent,
+                  plot=plot or None, **common)
+    return mark_noise(table, spec.get("reference"), problems)
+
+
+def row_name(label: tuple) -> str:
+    """A row's label as text: its key values joined by " / " ("–" for a missing one)."""
+    return " / ".join("–" if v is None else str(v) for v in label)
+
+
+def mark_noise(table: Table, reference: str | None = None, problems: list | None = None) -> Table:
+    """Apply the noise rule (module doc) to ``table`` in place: the reference row is the one whose
+    :func:`row_name` is ``reference`` (or, with one key column, whose value equals it as a number), else the first
+    row with any of our numbers. Sets ``Cell.noise`` and ``table.reference`` (left None when no cell has n > 1).
+    Returns ``table``."""
+    ours = [r for r in table.rows if any(c.mean is not None for c in r.ours.values())]
+    if not ours or not table.seeded:
+        return table
+    ref = ours[0]
+    if reference is not None:
+        hits = [r for r in ours if row_name(r.label) == str(reference)
+                or (len(r.label) == 1 and same_value(r.label[0], reference))]
+        if hits:
+            ref = hits[0]
+        elif problems is not None:
+            problems.append(f"{table.experiment} [{table.scale}]: reference row {reference!r} has no runs; "
+                            f"comparing with {row_name(ref.label)!r}")
+    table.reference = ref.label
+    for row in ours:
+        if row is ref:
+            continue
+        for col, cell in row.ours.items():
+            base = ref.ours.get(col)
+            if cell.std is None or base is None or base.std is None or cell.mean is None or base.mean is None:
+                continue
+            cell.noise = abs(cell.mean - base.mean) < max(cell.std, base.std)
+    return table
 
 
 def _keyed_table(runs: list[Run], spec: dict, problems: list, common: dict) -> Table:
@@ -255,19 +320,22 @@ def _keyed_table(runs: list[Run], spec: dict, problems: list, common: dict) -> T
         for c in columns:
             row.ours[c] = _aggregate([_value(r, k, c in percent, problems) for r, k in cells[key].get(c, [])])
         rows.append(row)
-    return Table(key_columns=key_cols, columns=columns, rows=rows, has_paper=False, percent=percent, **common)
+    table = Table(key_columns=key_cols, columns=columns, rows=rows, has_paper=False, percent=percent, **common)
+    return mark_noise(table, spec.get("reference"), problems)
 
 
 def _generic_table(runs: list[Run], common: dict) -> Table:
-    """Metrics as rows, points as columns (no layout known)."""
+    """Metrics as rows, grid points as columns (no layout known); the seeds of a grid point share its column.
+    No noise rule: its rows are different metrics."""
     keys = sorted({k for r in runs for k, v in r.metrics.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    points = [r.point for r in runs]
+    points = list(dict.fromkeys(r.group for r in runs))
     rows = []
     for k in keys:
         row = Row((k,))
-        for r in runs:
-            v = r.metrics.get(k)
-            row.ours[r.point] = Cell(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None, n=1)
+        for p in points:
+            vals = [r.metrics.get(k) for r in runs if r.group == p]
+            row.ours[p] = _aggregate([float(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and math.isfinite(v) else None for v in vals])
         rows.append(row)
     return Table(key_columns=["metric"], columns=points, rows=rows, has_paper=False, **common)

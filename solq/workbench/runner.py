@@ -4,7 +4,9 @@ The YAML format, its grid and ``${...}`` parameters are described in :mod:`solq.
 Every point runs in ``runs_dir/<experiment>/<scale>/<point>/`` (executed ``notebook.ipynb``, ``metrics.json``,
 figures, ``log.txt``) with the project root as working directory; the runner passes ``scale`` and
 ``output_dir`` itself. A point is complete when metrics.json and the marker ``.complete.json`` (holding the
-parameters it ran with) exist; complete points are skipped.
+parameters it ran with) exist; complete points are skipped. With seeds (``seeds:`` in the YAML or ``--seeds 0,1,2``)
+every grid point runs once per seed, each into its own folder ``<point>__seed=N/`` (see
+:mod:`solq.workbench.experiment_file`), and its metrics.json records ``seed``.
 
 - :func:`run_experiment` -> one :class:`PointResult` per point (done | skipped | failed | pending);
   resumes by skipping complete points, reports a failing cell with its source and the log's path.
@@ -16,6 +18,7 @@ parameters it ran with) exist; complete points are skipped.
 """
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import json
 import os
@@ -33,7 +36,7 @@ import yaml
 
 from solq import code_version
 from solq.config_values import positive_int
-from solq.workbench.experiment_file import SCALES, Experiment, Point, load_experiment
+from solq.workbench.experiment_file import SCALES, Experiment, Point, load_experiment, parse_seeds
 
 __all__ = ["PointResult", "ensure_kernel", "run_experiment", "add_run_arguments", "parse_overrides", "run_from_args",
            "wait_for_point", "MARKER"]
@@ -202,6 +205,8 @@ def _complete_metrics(exp: Experiment, scale: str, point: Point, path: Path) -> 
             return (f"FAILED {exp.name} [{scale}] point {point.name}: {path} records {key}="
                     f"{metrics[key]!r} but the run is {key}={want!r}; scales are never mixed")
     metrics.update({"experiment": exp.name, "scale": scale, "point": point.name})
+    if point.seed is not None:
+        metrics["seed"] = point.seed
     for k, v in point.values.items():
         metrics.setdefault(k, v)
     metrics.setdefault("parameters", _normalise(point.parameters))  # the report's layouts may refer to them
@@ -223,7 +228,7 @@ def _check_notebook_parameters(exp: Experiment, points: list[Point]) -> None:
 
 
 def _check_requires(exp: Experiment, scale: str, runs_dir: Path) -> None:
-    for req in exp.raw.get("requires") or []:
+    for req in exp.requires(scale):
         done = list((runs_dir / req / scale).glob(f"*/{MARKER}"))
         if not done:
             raise ValueError(f"{exp.name} [{scale}] reads runs of {req!r} at scale {scale!r}, and there are "
@@ -273,14 +278,15 @@ def _threads_per_job(jobs: int) -> Iterator[None]:
 def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = "experiments/runs",
                    points: Iterable[str | int] | None = None, force: bool = False, progress: bool = True,
                    keep_going: bool = True, overrides: dict | None = None, dry_run: bool = False,
-                   kernel_name: str = "python3", jobs: int = 1) -> list[PointResult]:
+                   kernel_name: str = "python3", jobs: int = 1, seeds=None) -> list[PointResult]:
     """Execute every grid point of an experiment at ``scale`` through papermill.
 
     ``points``: names (glob patterns) or indices selecting points; ``force``: rerun complete points;
     ``keep_going``: go on after a failing point (else stop there; with ``jobs`` > 1 the points already
     started finish); ``overrides``: notebook parameters replacing the YAML's (not grid parameters);
     ``dry_run``: report status without running; ``jobs``: points run at once (each kernel on cores / jobs
-    threads). Returns one PointResult per selected point that was considered (in grid order).
+    threads); ``seeds``: run every grid point once per seed (a list or "0,1,2"; replaces the YAML's ``seeds``),
+    each into ``<point>__seed=N``. Returns one PointResult per selected point that was considered (in grid order).
     """
     from tqdm.auto import tqdm
 
@@ -290,7 +296,7 @@ def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = 
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     exp = load_experiment(yaml_path)
     runs_dir = Path(runs_dir).resolve()
-    selected = _select(exp.points(scale, overrides, runs_dir), points, exp.path)
+    selected = _select(exp.points(scale, overrides, runs_dir, seeds=seeds), points, exp.path)
     _check_notebook_parameters(exp, selected)
     scale_dir = runs_dir / exp.name / scale
     if dry_run:
@@ -337,12 +343,16 @@ def run_experiment(yaml_path: str | Path, scale: str, *, runs_dir: str | Path = 
         bar.update(1)
         return r
 
+    cwd = os.getcwd()
     with _threads_per_job(jobs):
         if jobs == 1:
             ran = [one(p) for p in pending]
         else:
-            with ThreadPoolExecutor(max_workers=jobs) as pool:
-                ran = list(pool.map(one, pending))
+            try:
+                with ThreadPoolExecutor(max_workers=jobs) as pool:
+                    ran = list(pool.map(one, pending))
+            finally:  # papermill's cwd= changes the process's folder and back; interleaved, two jobs can leave
+                os.chdir(cwd)  # it in the project root (both enter the same folder, so only the restore is wrong)
     bar.close()
     results.update((r.point, r) for r in ran if r.status != "pending")
     return [results[p.name] for p in selected if p.name in results]
@@ -359,12 +369,26 @@ def add_run_arguments(parser) -> None:
                         help="run only these points (names, glob patterns or indices; default all)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a notebook parameter (value parsed as YAML), e.g. --set coco_root=/data/coco")
+    parser.add_argument("--seeds", type=_seed_list, default=None, metavar="0,1,2",
+                        help="run every grid point once per seed (notebook parameter seed), each into "
+                             "<point>__seed=N; replaces the YAML's seeds (default: the YAML's, else unseeded)")
     parser.add_argument("--force", action="store_true", help="rerun points that are already complete")
     parser.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                         help="run N points at once, each on cores/N threads (default 1)")
     parser.add_argument("--stop-on-error", action="store_true", help="stop at the first failing point")
     parser.add_argument("--dry-run", action="store_true", help="list the points and their status, run nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _seed_list(text: str) -> list[int]:
+    """argparse type of ``--seeds``: "0,1,2" -> [0, 1, 2] (ArgumentTypeError names the problem)."""
+    try:
+        seeds = parse_seeds(text, where="--seeds")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seeds is None:
+        raise argparse.ArgumentTypeError("--seeds: give at least one seed, e.g. 0,1,2")
+    return seeds
 
 
 def parse_overrides(items: Iterable[str]) -> dict:
@@ -386,7 +410,7 @@ def run_from_args(args) -> int:
     results = run_experiment(args.experiment, args.scale, runs_dir=args.runs_dir, points=args.points,
                              force=args.force, progress=not args.no_progress, keep_going=not args.stop_on_error,
                              overrides=parse_overrides(args.overrides), dry_run=args.dry_run,
-                             jobs=args.jobs)
+                             jobs=args.jobs, seeds=getattr(args, "seeds", None))
     for r in results:
         note = f"  ({r.error})" if args.dry_run and r.error else f"  {r.seconds:.1f} s" if r.seconds else ""
         print(f"{r.status:8s} {r.experiment}/{r.scale}/{r.point}{note}")

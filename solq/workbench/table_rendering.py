@@ -2,7 +2,10 @@
 
 ``render_markdown``, ``render_latex`` and ``render_html`` turn a list of :class:`~solq.workbench.run_tables.Table`
 into one document each (tables grouped by scale, the paper's number beside ours); ``plot_sweep`` draws one
-table's metrics against its factor as a PNG. :func:`solq.workbench.report.build_report` writes them to disk.
+table's metrics against its factor as a PNG (with ± std error bars where a row has several seeds). A table with
+seeds gets a column ``n`` (runs per row: the largest n of its cells), ``≈`` after each of our numbers inside the
+noise of the reference row, and a note naming that row and the rule (``solq.workbench.run_tables``); a table of
+single runs renders as before. :func:`solq.workbench.report.build_report` writes them to disk.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from solq.files import write_atomic
-from solq.workbench.run_tables import Cell, Row, Table, label_sort_key
+from solq.workbench.run_tables import Cell, Row, Table, label_sort_key, row_name
 
-__all__ = ["render_markdown", "render_latex", "render_html", "plot_sweep", "SCALE_NOTES"]
+__all__ = ["render_markdown", "render_latex", "render_html", "plot_sweep", "noise_note", "SCALE_NOTES", "NOISE_MARK"]
+
+NOISE_MARK = "≈"
 
 SCALE_NOTES = {
     "smoke": "Smoke scale: tiny models on small data for a CPU budget. Absolute numbers are not comparable with "
@@ -37,7 +42,25 @@ def _ours(cell: Cell | None, percent: bool) -> str:
     if cell is None or cell.mean is None:
         return "–"
     text = _num(cell.mean, percent)
-    return f"{text} ± {_num(cell.std, percent)}" if cell.std is not None else text
+    text = f"{text} ± {_num(cell.std, percent)}" if cell.std is not None else text
+    return f"{text} {NOISE_MARK}" if cell.noise else text
+
+
+def _key_header(t: Table) -> list[str]:
+    """The label columns: the key columns, then ``n`` (runs per row) in a table with seeds."""
+    return t.key_columns + (["n"] if t.seeded else [])
+
+
+def noise_note(t: Table) -> str:
+    """The sentence under a table with seeds: what ``n``, ± and ≈ mean and which row ≈ compares with ("" for a
+    table of single runs)."""
+    if not t.seeded:
+        return ""
+    text = "n: runs (seeds) per row; ours: mean ± sample std over them."
+    if t.reference is not None:
+        text += (f" {NOISE_MARK}: inside the noise of the reference row {row_name(t.reference)!r}: |mean − its mean| "
+                 f"< the larger of the two stds (a screen, not a significance test).")
+    return text
 
 
 def _header(t: Table) -> list[tuple[str, str]]:
@@ -47,6 +70,8 @@ def _header(t: Table) -> list[tuple[str, str]]:
 
 def _cells(t: Table, row: Row) -> list[str]:
     out = [_num(v, False) if v is not None else "–" for v in row.label]
+    if t.seeded:
+        out.append(str(max((c.n for c in row.ours.values()), default=0) or "–"))
     for c, which in _header(t):
         out.append(_num(row.paper.get(c), c in t.percent) if which == "paper" else _ours(row.ours.get(c), c in t.percent))
     return out
@@ -67,9 +92,11 @@ def render_markdown(tables: list[Table], out_dir: Path, problems: list, runs_dir
             lines += [f"### {_heading(t)}", ""]
             if t.claim:
                 lines += [f"> {t.claim}", ""]
-            head = t.key_columns + [f"{c} {w}".strip() for c, w in _header(t)]
+            head = _key_header(t) + [f"{c} {w}".strip() for c, w in _header(t)]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             lines += ["| " + " | ".join(_cells(t, r)) + " |" for r in t.rows]
+            if noise_note(t):
+                lines += ["", f"*{noise_note(t)}*"]
             if t.caption:
                 lines += ["", f"*Paper:* {t.caption}"]
             if t.sweep_figure:
@@ -93,7 +120,7 @@ def _rel(path: Path, start: Path) -> str:
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
         "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}", "±": r"$\pm$", "–": "--", "—": "---",
-        "λ": r"$\lambda$", "×": r"$\times$"}
+        "λ": r"$\lambda$", "×": r"$\times$", "≈": r"$\approx$", "−": "$-$", "|": r"$|$", "<": r"$<$"}
 _TEX_RE = re.compile("|".join(re.escape(k) for k in _TEX))
 
 
@@ -108,19 +135,23 @@ def render_latex(tables: list[Table], out_dir: Path) -> str:
     for scale in _scales(tables):
         lines += [rf"\subsection*{{Scale {_tex(scale)}}}", _tex(SCALE_NOTES.get(scale, ""))]
         for t in (t for t in tables if t.scale == scale):
-            nk = len(t.key_columns)
+            keys = _key_header(t)
+            nk = len(keys)
             per = 2 if t.has_paper else 1
             lines += [r"\begin{table}[ht]", r"\centering\small", rf"\caption{{{_tex(_heading(t))}}}",
                       r"\begin{tabular}{" + "l" * nk + "r" * (per * len(t.columns)) + "}", r"\toprule"]
             if t.has_paper:
                 lines.append(" & ".join([""] * nk + [rf"\multicolumn{{2}}{{c}}{{{_tex(c)}}}" for c in t.columns]) + r" \\")
                 lines.append(" ".join(rf"\cmidrule(lr){{{nk + 1 + 2 * i}-{nk + 2 + 2 * i}}}" for i in range(len(t.columns))))
-                lines.append(" & ".join([_tex(k) for k in t.key_columns] + ["paper", "ours"] * len(t.columns)) + r" \\")
+                lines.append(" & ".join([_tex(k) for k in keys] + ["paper", "ours"] * len(t.columns)) + r" \\")
             else:
-                lines.append(" & ".join(_tex(k) for k in t.key_columns + t.columns) + r" \\")
+                lines.append(" & ".join(_tex(k) for k in keys + t.columns) + r" \\")
             lines.append(r"\midrule")
             lines += [" & ".join(_tex(c) for c in _cells(t, r)) + r" \\" for r in t.rows]
-            lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+            lines += [r"\bottomrule", r"\end{tabular}"]
+            if noise_note(t):
+                lines.append(r"\par\footnotesize " + _tex(noise_note(t)))
+            lines.append(r"\end{table}")
             if t.sweep_figure:
                 lines += [r"\begin{figure}[ht]\centering",
                           rf"\includegraphics[width=\linewidth]{{{t.sweep_figure.relative_to(out_dir).as_posix()}}}",
@@ -151,7 +182,7 @@ def render_html(tables: list[Table], problems: list, runs_dir: Path) -> str:
             if t.claim:
                 out.append(f"<blockquote>{e(t.claim)}</blockquote>")
             out.append(f"<table data-experiment='{e(t.experiment)}' data-scale='{e(scale)}'>")
-            keys = "".join(f"<th class='k' rowspan='{2 if t.has_paper else 1}'>{e(k)}</th>" for k in t.key_columns)
+            keys = "".join(f"<th class='k' rowspan='{2 if t.has_paper else 1}'>{e(k)}</th>" for k in _key_header(t))
             if t.has_paper:
                 out.append("<tr>" + keys + "".join(f"<th colspan='2'>{e(c)}</th>" for c in t.columns) + "</tr>")
                 out.append("<tr>" + "<th class='paper'>paper</th><th>ours</th>" * len(t.columns) + "</tr>")
@@ -159,11 +190,13 @@ def render_html(tables: list[Table], problems: list, runs_dir: Path) -> str:
                 out.append("<tr>" + keys + "".join(f"<th>{e(c)}</th>" for c in t.columns) + "</tr>")
             for r in t.rows:
                 cells = _cells(t, r)
-                nk = len(t.key_columns)
+                nk = len(_key_header(t))
                 tds = [f"<td class='k'>{e(c)}</td>" for c in cells[:nk]]
                 tds += [f"<td class='{w}'>{e(c)}</td>" for c, (_, w) in zip(cells[nk:], _header(t))]
                 out.append("<tr>" + "".join(tds) + "</tr>")
             out.append("</table>")
+            if noise_note(t):
+                out.append(f"<p class='note'>{e(noise_note(t))}</p>")
             if t.caption:
                 out.append(f"<p class='note'>Paper: {e(t.caption)}</p>")
             if t.sweep_figure:
@@ -213,8 +246,9 @@ def plot_sweep(t: Table, path: Path) -> Path | None:
                 ax.set_xscale("log")
         else:
             xs = range(len(t.rows))
-            ax.bar([x - 0.2 for x in xs], [(r.ours.get(c) or Cell(None)).mean or 0 for r in t.rows], 0.4,
-                   color="C0", label="ours")
+            cells = [r.ours.get(c) or Cell(None) for r in t.rows]
+            ax.bar([x - 0.2 for x in xs], [cell.mean or 0 for cell in cells], 0.4, color="C0", label="ours",
+                   yerr=[cell.std or 0 for cell in cells] if any(cell.std for cell in cells) else None, capsize=3)
             pv = [(x, r.paper.get(c)) for x, r in zip(xs, t.rows) if r.paper.get(c) is not None]
             if pv:
                 pax.bar([x + 0.2 for x, _ in pv], [v for _, v in pv], 0.4, color="0.7", label="paper")
