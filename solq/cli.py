@@ -150,7 +150,7 @@ def _add_pretrain_backbone(sub) -> None:
 
 
 def _add_run(sub) -> None:
-    from solq.workbench.runner import add_run_arguments, run_from_args
+    from solq.workbench.run_command import add_run_arguments, run_from_args
 
     r = _add_command(sub, "run", "Run an experiment YAML through papermill, one notebook per grid point "
                                  "(resumable).")

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from solq.workbench import runner
+from solq.workbench import run_command, runner
 from solq.workbench.experiment_file import (SCALES, expand_grid, load_experiment, parse_seeds, point_slug,
                                             seeded_name, split_seed)
 from solq.workbench.paper import load_paper_tables
@@ -202,11 +202,11 @@ def test_kernel_of_another_interpreter_is_replaced(tmp_path, monkeypatch):
 def test_cli_arguments(tmp_path, capsys):
     path = _fake_project(tmp_path)
     parser = argparse.ArgumentParser()
-    runner.add_run_arguments(parser)
+    run_command.add_run_arguments(parser)
     args = parser.parse_args([str(path), "--scale", "smoke", "--runs-dir", str(tmp_path / "runs"), "--dry-run",
                               "--set", "note=hello", "--points", "x=1", "2"])
-    assert runner.parse_overrides(["a=1", "b=[x, y]", "c="]) == {"a": 1, "b": ["x", "y"], "c": ""}
-    assert runner.run_from_args(args) == 0
+    assert run_command.parse_overrides(["a=1", "b=[x, y]", "c="]) == {"a": 1, "b": ["x", "y"], "c": ""}
+    assert run_command.run_from_args(args) == 0
     out = capsys.readouterr().out
     assert "pending  fake/smoke/x=1" in out and "pending  fake/smoke/x=3" in out and "x=2" not in out
     with pytest.raises(SystemExit):
