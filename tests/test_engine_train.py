@@ -36,6 +36,16 @@ def _records(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
 
 
+def assert_same_final_weights(reference: Path, run: Path, steps: int, how: str) -> None:
+    """The last checkpoints of two run folders are both at ``steps`` and hold the same parameters within 1e-6
+    (``how`` names the interruption in a failure message)."""
+    a = torch.load(reference / "checkpoint.pth", weights_only=True)
+    b = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert a["step"] == b["step"] == steps
+    for key, value in a["model"].items():
+        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6, msg=lambda m: f"{key} ({how}): {m}")
+
+
 # ------------------------------------------------------------------------------------ optimiser groups
 def test_param_groups_follow_the_release_recipe():
     from solq.engine.optim import build_optimizer, build_scheduler
@@ -213,12 +223,7 @@ def test_sigkill_at_an_arbitrary_step_then_resume_equals_an_uninterrupted_run(sy
 
     starts = [r for r in _records(victim_dir) if r["type"] == "start"]
     assert len(starts) == 2 and starts[1]["resumed_from"] and 0 < starts[1]["step"] < 10, starts[1]
-    a = torch.load(tmp_path / "ref" / "checkpoint.pth", weights_only=True)
-    b = torch.load(victim_dir / "checkpoint.pth", weights_only=True)
-    assert a["step"] == b["step"] == 10
-    for key, value in a["model"].items():
-        torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-6,
-                                   msg=lambda m: f"{key} (killed after step {kill_after}): {m}")
+    assert_same_final_weights(tmp_path / "ref", victim_dir, 10, f"killed after step {kill_after}")
     # same losses step by step, before and after the kill
     losses = [{r["step"]: r["loss"] for r in _records(run) if r["type"] == "train"}
               for run in (tmp_path / "ref", victim_dir)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -345,8 +346,10 @@ def _stopped(run: Run) -> dict:
                     "batch_in_epoch": state.batch_in_epoch, "step": state.step, "checkpoint": str(checkpoint)})
     run.logger.close()
     rank = f"rank {run.info.rank}: " if run.info.distributed else ""  # every rank says where it stopped
-    print(f"{rank}{run.stop.signal_name}: stopped after step {state.step} (epoch {state.epoch}, batch "
-          f"{state.batch_in_epoch}); checkpoint {checkpoint}; continue with --resume auto", flush=True)
+    # one write with its newline, so the lines of ranks sharing a pipe do not run into each other
+    sys.stdout.write(f"{rank}{run.stop.signal_name}: stopped after step {state.step} (epoch {state.epoch}, batch "
+                     f"{state.batch_in_epoch}); checkpoint {checkpoint}; continue with --resume auto\n")
+    sys.stdout.flush()
     return _result(run, {})
 
 
