@@ -244,7 +244,7 @@ class Config:
 
 
 # optimiser steps of each model `solq demo` trains (smoke preset, SQR and UQR side by side), within 15 min
-DEMO_STEPS = 2000
+DEMO_STEPS = 2300
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "paper-r50": {},
@@ -267,7 +267,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
             "backbone": "small", "backbone_norm": "batch", "freeze_stages": 0, "backbone_weights": "synthetic-small",
             "hidden_dim": 64, "dim_feedforward": 128, "nheads": 4, "enc_layers": 2, "dec_layers": 2,
             "num_queries": 30, "num_feature_levels": 3, "enc_n_points": 2, "dec_n_points": 2,
-            "vector_hidden_dim": 128, "dropout": 0.0, "two_stage": True, "vector_standardize": True,
+            "vector_hidden_dim": 256, "dropout": 0.0, "two_stage": True, "vector_standardize": True,
         },
         "codec": {"resolution": 64, "num_coeffs": 128},
         "loss": {"cls_loss": "quality_focal"},

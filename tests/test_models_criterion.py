@@ -283,12 +283,17 @@ def test_build_criterion_losses_by_mode():
         SetCriterion(C, HungarianMatcher(), codec=None)
 
 
-def test_integration_smoke_model_initial_vector_loss():
+@pytest.mark.parametrize("standardize", [False, True])
+def test_integration_smoke_model_initial_vector_loss(standardize):
     from solq.models import build_model
 
-    cfg = load_config("smoke", overrides=["model.num_classes=7"])
+    cfg = load_config("smoke", overrides=["model.num_classes=7", f"model.vector_standardize={standardize}"])
     torch.manual_seed(0)
     model, crit, _ = build_model(cfg)
+    if standardize:
+        g = torch.Generator().manual_seed(3)
+        dim = crit.codec.dim
+        model.set_vector_statistics(torch.randn(dim, generator=g) * 10, torch.rand(dim, generator=g) + 0.5)
     targets = _targets([2, 3], [(128, 96), (96, 96)], torch.Generator().manual_seed(8))
     images = torch.randn(2, 3, 128, 96, generator=torch.Generator().manual_seed(9))
     mask = torch.zeros(2, 128, 96, dtype=torch.bool)
@@ -297,10 +302,13 @@ def test_integration_smoke_model_initial_vector_loss():
     losses = crit(outputs, targets)
     assert set(crit.weight_dict) <= set(losses) | {k for k in crit.weight_dict if k.endswith("_enc")}
     assert all(torch.isfinite(v) for v in losses.values())
-    # at init every query predicts [0, 0, -2, ...]: the vector loss depends on the GT masks only
+    # at init every query predicts [0, 0, -2, ...] (the release), or the mean code (standardised): the vector
+    # loss depends on the GT masks only
     codec = crit.codec
     v0 = torch.full((codec.dim,), -2.0, dtype=torch.float64)
     v0[:2] = 0
+    if standardize:
+        v0 = model.vector_mean.double()
     gt = torch.cat([codec.encode(crop_to_box(t["masks"], t["boxes_xyxy"], codec.resolution)) for t in targets])
     ref = 3.0 * (gt.double() - v0).abs().mean()
     for key in ("loss_vector", "loss_vector_0"):
