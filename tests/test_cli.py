@@ -141,7 +141,7 @@ def test_predict_writes_overlays_and_coco_results(tiny_checkpoint, capsys):
 def test_bench_compares_modes_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--config", "smoke", "--set", "model.num_classes=5", "model.hidden_dim=32",
-                 "model.nheads=2", "model.num_queries=8", "--modes", "uqr,sqr", "--size", "64x96", "--iters", "1",
+                 "model.nheads=2", "model.num_queries=8", "--modes", "uqr,sqr", "--size", "64x96", "--iters", "2",
                  "--warmup", "0", "--train-iters", "1", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert [r["mode"] for r in rows] == ["uqr", "sqr"]
@@ -153,5 +153,11 @@ def test_bench_compares_modes_and_writes_json(tmp_path, capsys):
     assert uqr["gflops_detector"] == pytest.approx(sqr["gflops_detector"])  # the same D-DETR in both
     assert sqr["gflops_mask_branch"] > uqr["gflops_mask_branch_last_layer"] > 0
     assert all(r["fps_forward"] > 0 and r["fps_with_postprocess"] > 0 and r["train_steps_per_s"] > 0 for r in rows)
-    assert "uqr" in capsys.readouterr().out
+    for r in rows:  # medians with their spreads, from the same number of interleaved iterations
+        assert r["timing_iters"] == 2 and r["timing_warmup"] == 0
+        assert r["time_forward_s"]["iters"] == r["time_with_postprocess_s"]["iters"] == 2
+        for key in ("fps_forward", "fps_with_postprocess"):
+            assert 0 < r[f"{key}_min"] <= r[key] <= r[f"{key}_max"]
+    printed = capsys.readouterr().out
+    assert "uqr" in printed and "2 iterations after 0 warm-up rounds" in printed
     assert main(["bench", "--size", "big"]) == 2

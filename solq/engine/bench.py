@@ -10,7 +10,9 @@ Measured per model mode (uqr, sqr, det):
   one mask vector (the inverse DCT). The paper's "FLOPs" follow the fvcore convention of one
   multiply-add = 1, i.e. our GMACs = GFLOPs / 2;
 - inference images/s of the network forward alone (as the release's benchmark.py) and with the
-  post-processing (top-k, decode, paste at the input size);
+  post-processing (top-k, decode, paste at the input size), both timed in one interleaved loop (the two
+  alternate call by call, after the same warm-up, so a machine that slows down or speeds up mid-run moves both
+  alike): the median and the min-max spread of each over the same number of iterations;
 - training steps/s (forward, loss, backward, AdamW step) on random targets;
 - peak memory: ``max_memory_allocated`` on CUDA, else the process's peak RSS (Linux: VmHWM reset before
   each phase; elsewhere ``resource.ru_maxrss``, which covers the whole process);
@@ -26,7 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -38,7 +40,7 @@ from solq.engine.runtime import configure_runtime
 from solq.models import build_model
 
 __all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "matmul_gflops", "timed_median",
-           "benchmark", "bench_modes", "format_bench_table"]
+           "timed_interleaved", "benchmark", "bench_modes", "format_bench_table"]
 
 # top-level submodules that form the mask branch, per model class
 MASK_BRANCH = {"SOLQ": ("vector_embed",), "SQRModel": ("seg_input_proj", "attention", "mask_head")}
@@ -173,28 +175,65 @@ def _timed(fn, iters: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / max(iters, 1)
 
 
+def timed_interleaved(fns: Sequence[Callable[[], object]], iters: int, warmup: int, device: torch.device, *,
+                      clock: Callable[[], float] = time.perf_counter) -> list[dict]:
+    """Time several callables in one interleaved loop.
+
+    Each of ``warmup`` untimed rounds and ``iters`` timed rounds calls every fn once; the order rotates from round
+    to round (round i starts at fn i mod len(fns)), so no fn always runs first or always after another. The device
+    is synchronised around each timed call, and ``clock`` (seconds; ``time.perf_counter`` by default, injectable
+    for tests) reads the time.
+
+    Returns one dict per fn, in the order of ``fns``: {"median", "min", "max", "q1", "q3"} in seconds per call
+    (q1/q3: the quartiles, ``statistics.quantiles`` inclusive method) and "iters", the number of timed calls.
+    """
+    if not fns:
+        raise ValueError("timed_interleaved needs at least one callable")
+    iters = max(iters, 1)
+    n = len(fns)
+    for r in range(warmup):
+        for j in range(n):
+            fns[(r + j) % n]()
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(iters):
+        for j in range(n):
+            k = (r + j) % n
+            _sync(device)
+            t0 = clock()
+            fns[k]()
+            _sync(device)
+            times[k].append(clock() - t0)
+    stats = []
+    for t in times:
+        q1, _, q3 = statistics.quantiles(t, n=4, method="inclusive") if len(t) > 1 else (t[0], t[0], t[0])
+        stats.append({"median": statistics.median(t), "min": min(t), "max": max(t), "q1": q1, "q3": q3,
+                      "iters": len(t)})
+    return stats
+
+
 def timed_median(fn, iters: int, warmup: int, device: torch.device) -> tuple[float, float]:
     """(median, max - min) seconds of fn() over ``iters`` calls after ``warmup``, the device synchronised around
     each call (so one slow call shows as spread instead of moving a mean)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(max(iters, 1)):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), max(times) - min(times)
+    (s,) = timed_interleaved([fn], iters, warmup, device)
+    return s["median"], s["max"] - s["min"]
+
+
+def _fps_stats(prefix: str, stats: dict, batch_size: int) -> dict:
+    """FPS keys from one :func:`timed_interleaved` result: ``{prefix}`` (median images/s), ``{prefix}_min`` and
+    ``{prefix}_max`` (from the slowest and the fastest call)."""
+    return {prefix: batch_size / stats["median"], f"{prefix}_min": batch_size / stats["max"],
+            f"{prefix}_max": batch_size / stats["min"]}
 
 
 def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: int = 1, iters: int = 10,
               warmup: int = 2, train_iters: int = 3, device: Optional[str] = None, seed: int = 0) -> dict:
     """Measure one config (see the module docstring). ``cfg.model.num_classes`` 0 means COCO's 91.
 
-    Returns a flat dict: mode, input size, params_* (counts), gflops_* (and gmacs_*), fps_forward,
-    achieved_gflops_forward, machine_matmul_gflops, fps_with_postprocess, train_steps_per_s,
-    peak_memory_*_mb, device, torch version.
+    Returns a flat dict: mode, input size, params_* (counts), gflops_* (and gmacs_*), fps_forward and
+    fps_with_postprocess (medians of ``iters`` interleaved calls each after ``warmup`` rounds, see
+    :func:`timed_interleaved`) with their _min/_max (the spread), timing_iters and timing_warmup, the seconds per
+    call of each (time_forward_s, time_with_postprocess_s: median, min, max, q1, q3, iters),
+    achieved_gflops_forward, machine_matmul_gflops, train_steps_per_s, peak_memory_*_mb, device, torch version.
     """
     cfg = copy.deepcopy(cfg)
     configure_runtime(cfg)
@@ -222,13 +261,16 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
 
     _reset_peak(dev)
     with torch.no_grad():
-        t_fwd = _timed(lambda: model(images, mask), iters, warmup, dev)
-        t_post = _timed(lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks,
-                                              input_sizes=sizes), iters, warmup, dev)
-    result["fps_forward"] = batch_size / t_fwd
-    result["achieved_gflops_forward"] = result["gflops_total"] / t_fwd  # FLOPs are per batch
+        fwd, post = timed_interleaved(
+            [lambda: model(images, mask),
+             lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks, input_sizes=sizes)],
+            iters, warmup, dev)
+    result.update(_fps_stats("fps_forward", fwd, batch_size))
+    result.update(_fps_stats("fps_with_postprocess", post, batch_size))
+    result.update({"timing_iters": fwd["iters"], "timing_warmup": warmup, "time_forward_s": fwd,
+                   "time_with_postprocess_s": post})
+    result["achieved_gflops_forward"] = result["gflops_total"] / fwd["median"]  # FLOPs are per batch
     result["machine_matmul_gflops"] = matmul_gflops(dev)
-    result["fps_with_postprocess"] = batch_size / t_post
     result["peak_memory_inference_mb"] = _peak_memory(dev) / 2 ** 20
 
     if train_iters > 0:
@@ -273,10 +315,18 @@ def _rate(r: dict) -> str:
     return f"{got:.1f} / {floor:.1f} ({100 * got / floor:.0f}%)"
 
 
+def _fps(r: dict, key: str) -> str:
+    """``median [min-max]`` of an FPS key, or the median alone for results measured before the spread existed."""
+    lo, hi = r.get(f"{key}_min"), r.get(f"{key}_max")
+    return f"{r[key]:.2f}" if lo is None or hi is None else f"{r[key]:.2f} [{lo:.2f}-{hi:.2f}]"
+
+
 def format_bench_table(results: Sequence[dict]) -> str:
-    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS, steps/s, peak memory, and
-    the achieved forward GFLOP/s against the machine's matmul GFLOP/s (n/a for results without them)."""
-    head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>8} {'FPS +post':>9} " \
+    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS of the network and with the
+    post-processing (median [min-max] of interleaved calls), steps/s, peak memory, and the achieved forward
+    GFLOP/s against the machine's matmul GFLOP/s (n/a for results without them); a last line says how the FPS
+    were timed (iterations, warm-up) when the results record it."""
+    head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>18} {'FPS +post':>18} " \
            f"{'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / matmul':>21}"
     lines = [head, "-" * len(head)]
     for r in results:
@@ -285,6 +335,12 @@ def format_bench_table(results: Sequence[dict]) -> str:
         if r["gmacs_decode_one_mask"]:
             f += f" + {r['gmacs_decode_one_mask']:.4f}"
         peak = max(r.get("peak_memory_inference_mb", 0), r.get("peak_memory_train_mb", 0))
-        lines.append(f"{r['mode']:5} {p:>22} {f:>28} {r['fps_forward']:8.2f} {r['fps_with_postprocess']:9.2f} "
-                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f} {_rate(r):>21}")
+        lines.append(f"{r['mode']:5} {p:>22} {f:>28} {_fps(r, 'fps_forward'):>18} "
+                     f"{_fps(r, 'fps_with_postprocess'):>18} {r.get('train_steps_per_s', float('nan')):10.2f} "
+                     f"{peak:9.0f} {_rate(r):>21}")
+    timed = [r for r in results if "timing_iters" in r]
+    if timed:
+        counts = sorted({(r["timing_iters"], r.get("timing_warmup", 0)) for r in timed})
+        said = ", ".join(f"{n} iterations after {w} warm-up rounds" for n, w in counts)
+        lines.append(f"FPS: median [min-max] of {said}; net and net + post-processing alternate call by call")
     return "\n".join(lines)
