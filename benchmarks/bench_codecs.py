@@ -1,14 +1,20 @@
 """Throughput of the mask codecs and of crop/paste (issue 3 goal: >= 50,000 masks/s each way for the DCT at
-N = 128, n_k = 256 on 2 CPU threads; the reference decodes ~130 masks/s with a Python loop, reference §3.3).
+N = 128, n_k = 256 on 2 CPU threads, at every batch size from 1 to 2,000 (issue 16); the reference decodes
+~130 masks/s with a Python loop, reference §3.3).
 
     python benchmarks/bench_codecs.py --threads 2 1 --out bench_codecs.json
 
-Prints a table (one column per thread count) and writes JSON: DCT encode / decode / decode+binarize in masks
-per second for several batch sizes, PCA and flatten for comparison, the time of crop_to_box and
-paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
+Measures the codec as a user calls it from a notebook: a plain Python process that imports solq.coding, with
+glibc's default allocator behaviour (no mallopt: solq's ``runtime.keep_freed_memory`` is applied only by
+``solq`` runs, never here; any MALLOC_* environment variables are recorded and printed).
+
+Prints a DCT table (one row per batch size, default 1, 10, 100, 256, 1,000 and 2,000: encode, decode and
+decode+binarize in masks per second, the median [min-max] of ``--repeats`` timing windows of ``--min-seconds``
+each) for each thread count, then a table of the rest: PCA and flatten for comparison, the time of crop_to_box
+and paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
 and the full post-processing of one 512x512 image (issue 4 goal: well under 100 ms on 2 CPU threads):
 ``PostProcess`` top-100 over 300 queries x 91 classes, batched DCT decode, binarise and paste into the
-predicted boxes, next to the paste alone.
+predicted boxes, next to the paste alone. Writes everything as JSON with ``--out``.
 The load average before/after each column is recorded: on a shared machine, 2-thread numbers collapse when
 another process holds a core (OpenMP threads wait for each other), so compare with the 1-thread column.
 """
@@ -19,6 +25,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 
 import torch
@@ -37,6 +44,12 @@ def _rate(fn, batch: int, min_seconds: float) -> float:
         elapsed = time.perf_counter() - start
         if elapsed >= min_seconds and calls >= 3:
             return calls * batch / elapsed
+
+
+def _rates(fn, batch: int, min_seconds: float, repeats: int) -> dict:
+    """{"median", "min", "max", "repeats"}: masks/s of fn() x batch over ``repeats`` windows of :func:`_rate`."""
+    rates = [_rate(fn, batch, min_seconds) for _ in range(max(repeats, 1))]
+    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": len(rates)}
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -81,8 +94,10 @@ def _detector_outputs(codec, queries: int, classes: int, h: int, w: int, gen: to
     return outputs, torch.tensor([[h, w]], device=device)
 
 
-def measure(threads: int, batches: list[int], min_seconds: float, device: torch.device) -> dict:
-    """All measurements with ``threads`` torch CPU threads: {name: value}."""
+def measure(threads: int, batches: list[int], min_seconds: float, device: torch.device,
+            repeats: int = 3) -> dict:
+    """All measurements with ``threads`` torch CPU threads: {name: value}; "dct" holds {batch: {"encode",
+    "decode", "decode_binarize": :func:`_rates` dicts}} (masks/s over ``repeats`` windows of min_seconds)."""
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -108,13 +123,14 @@ def measure(threads: int, batches: list[int], min_seconds: float, device: torch.
     maps = dct.binarize(dct.decode(outputs["pred_vectors"][0, top["query_index"]]))
     results["paste_100_masks_512x512_ms"] = 1e3 * _best_time(
         lambda: (paste_in_image(maps, top["boxes"], (512, 512)), sync()), 10)
+    results["dct"] = {}
     for b in batches:
         masks = _ellipses(b, 128, gen, device)
         vectors = dct.encode(masks)
-        results[f"dct_encode_masks_per_s@{b}"] = _rate(lambda: (dct.encode(masks), sync()), b, min_seconds)
-        results[f"dct_decode_masks_per_s@{b}"] = _rate(lambda: (dct.decode(vectors), sync()), b, min_seconds)
-        results[f"dct_decode_binarize_masks_per_s@{b}"] = _rate(
-            lambda: (dct.binarize(dct.decode(vectors)), sync()), b, min_seconds)
+        results["dct"][b] = {
+            "encode": _rates(lambda: (dct.encode(masks), sync()), b, min_seconds, repeats),
+            "decode": _rates(lambda: (dct.decode(vectors), sync()), b, min_seconds, repeats),
+            "decode_binarize": _rates(lambda: (dct.binarize(dct.decode(vectors)), sync()), b, min_seconds, repeats)}
 
     b = 256
     masks = _ellipses(b, 128, gen, device)
@@ -128,28 +144,53 @@ def measure(threads: int, batches: list[int], min_seconds: float, device: torch.
     return results
 
 
+def _span(r: dict) -> str:
+    """``median [min-max]`` of a :func:`_rates` dict, in masks/s."""
+    return f"{r['median']:,.0f} [{r['min']:,.0f}-{r['max']:,.0f}]"
+
+
+def format_dct_table(results: dict, rows: list[str]) -> str:
+    """One line per (thread count, batch size): encode, decode and decode+binarize masks/s as median [min-max]."""
+    head = f"{'threads':>7} {'batch':>6} {'encode masks/s':>26} {'decode masks/s':>26} {'decode+binarize':>26}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        for b, m in results[r]["dct"].items():
+            lines.append(f"{r.split('=')[1]:>7} {b:>6} {_span(m['encode']):>26} {_span(m['decode']):>26} "
+                         f"{_span(m['decode_binarize']):>26}")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, nargs="+", default=[2, 1], help="torch CPU thread counts to measure")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batches", type=int, nargs="+", default=[100, 256, 1024], help="batch sizes")
-    parser.add_argument("--min-seconds", type=float, default=1.0, help="timing window per measurement")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 10, 100, 256, 1000, 2000],
+                        help="DCT batch sizes (default 1 10 100 256 1000 2000)")
+    parser.add_argument("--min-seconds", type=float, default=0.5, help="timing window per repeat (default 0.5)")
+    parser.add_argument("--repeats", type=int, default=3, help="timing windows per DCT measurement (default 3)")
     parser.add_argument("--out", default="", help="write the results as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    results: dict = {"torch": torch.__version__, "device": str(device), "cpu": platform.processor() or platform.machine(),
-                     "cpu_count": os.cpu_count(), "N": 128, "n_k": 256}
+    malloc_env = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k.startswith("GLIBC_TUNABLES")}
+    results: dict = {"torch": torch.__version__, "device": str(device),
+                     "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "N": 128,
+                     "n_k": 256, "repeats": args.repeats, "min_seconds": args.min_seconds,
+                     "allocator": "glibc default (no mallopt)", "malloc_environment": malloc_env}
     for threads in args.threads:
         # other processes share the CPU: record the load around each measurement
         load_before = os.getloadavg()[0]
-        row = measure(threads, args.batches, args.min_seconds, device)
+        row = measure(threads, args.batches, args.min_seconds, device, args.repeats)
         row["load_average_before"], row["load_average_after"] = load_before, os.getloadavg()[0]
         results[f"threads={threads}"] = row
 
     rows = [r for r in results if r.startswith("threads=")]
-    names = list(results[rows[0]])
+    print(f"DCT N=128 n_k=256, torch {results['torch']}, {results['device']}, {results['cpu_count']} CPUs, "
+          f"allocator: {results['allocator']}, MALLOC_* environment: {malloc_env or 'none'}")
+    print(f"masks/s: median [min-max] of {args.repeats} windows of >= {args.min_seconds} s each")
+    print(format_dct_table(results, rows))
+    names = [n for n in results[rows[0]] if n != "dct"]
     width = max(len(n) for n in names)
-    print(f"DCT N=128 n_k=256, torch {results['torch']}, {results['device']}, {results['cpu_count']} CPUs")
+    print()
     print(f"{'':<{width}}" + "".join(f"{r:>14}" for r in rows))
     for name in names:
         print(f"{name:<{width}}" + "".join(f"{results[r][name]:>14,.1f}" for r in rows))
