@@ -1,6 +1,6 @@
 """Throughput of the mask codecs and of crop/paste (issue 3 goal: >= 50,000 masks/s each way for the DCT at
 N = 128, n_k = 256 on 2 CPU threads, at every batch size from 1 to 2,000 (issue 16); the reference decodes
-~130 masks/s with a Python loop, reference §3.3).
+~130 masks/s with a Python loop, one mask at a time).
 
     python benchmarks/bench_codecs.py --threads 2 1 --out bench_codecs.json
 

@@ -3,7 +3,7 @@
 # Submit from the repository root:   sbatch scripts/slurm_train.sh
 # Override the defaults with environment variables, e.g.
 #   CONFIG=paper-r50 OUTPUT=runs/r50_256 COCO=/datasets/coco sbatch --nodes=4 scripts/slurm_train.sh
-# 2 nodes x 8 GPUs x 2 images = the release's total batch of 32 (reference §1.1); with other node counts
+# 2 nodes x 8 GPUs x 2 images = the release's total batch of 32 (8 GPUs x 4 images, the paper's Sec. 4.1); with other node counts
 # keep nodes x GPUs x train.batch_size x train.accumulate = 32.
 #SBATCH --job-name=solq
 #SBATCH --nodes=2
