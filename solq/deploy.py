@@ -1,6 +1,7 @@
 """Running an exported ONNX model without torch: numpy pre- and post-processing (``solq export`` writes the model).
 
-Needs numpy, Pillow and onnxruntime only (this module imports neither torch nor the rest of solq)::
+Needs numpy, Pillow and onnxruntime only (this module imports no torch; of solq only the numpy-only
+``solq.zigzag``)::
 
     import numpy as np, onnxruntime as ort
     from PIL import Image
@@ -31,6 +32,8 @@ import math
 from typing import Any, Optional, Sequence
 
 import numpy as np
+
+from solq.zigzag import zigzag_order
 
 __all__ = ["METADATA_KEY", "read_metadata", "prepare_image", "stack_images", "postprocess", "dct_decode", "binarize",
            "paste_masks", "zigzag_order", "dct_matrix"]
@@ -100,15 +103,6 @@ def stack_images(prepared: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.
         images[i, :, :x.shape[2], :x.shape[3]] = x[0]
         mask[i, :m.shape[1], :m.shape[2]] = m[0]
     return images, mask
-
-
-def zigzag_order(n: int) -> np.ndarray:
-    """JPEG zig-zag order of an n x n grid: int64 [n*n, 2] of (row, col); odd diagonals run downwards."""
-    u, v = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    u, v = u.ravel(), v.ravel()
-    s = u + v
-    order = np.lexsort((np.where(s % 2 == 1, u, n - 1 - u), s))
-    return np.stack([u[order], v[order]], axis=1).astype(np.int64)
 
 
 def dct_matrix(n: int) -> np.ndarray:

@@ -13,26 +13,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
+
+from solq.zigzag import zigzag_order
 
 from .base import Codec, register_codec
 
 __all__ = ["DCTCodec", "zigzag_order", "dct_matrix"]
-
-
-def zigzag_order(n: int) -> np.ndarray:
-    """JPEG zig-zag order of an n x n grid: int64 [n*n, 2] of (u, v) = (row, col).
-
-    Diagonals s = u+v in increasing order; odd s runs from (0,s) down to (s,0) (u increasing),
-    even s from (s,0) up to (0,s) (u decreasing). Starts (0,0), (0,1), (1,0), (2,0), (1,1), (0,2), ...
-    """
-    u, v = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-    u, v = u.ravel(), v.ravel()
-    s = u + v
-    within = np.where(s % 2 == 1, u, n - 1 - u)  # position along the diagonal
-    order = np.lexsort((within, s))
-    return np.stack([u[order], v[order]], axis=1).astype(np.int64)
 
 
 def dct_matrix(n: int, dtype=torch.float64, device=None) -> torch.Tensor:

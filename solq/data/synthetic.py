@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import NamedTuple, Sequence
@@ -26,6 +25,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from solq.evaluation import masks_to_rle
+from solq.files import write_text_atomic
 
 __all__ = ["CATEGORIES", "FORMAT_VERSION", "Scene", "render_scene", "generate", "is_up_to_date",
            "add_arguments", "run_from_args", "main"]
@@ -275,10 +275,8 @@ def _write_split(root: Path, split: str, num_images: int, image_size: int, seed:
                "images": images, "annotations": annotations,
                "categories": [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(CATEGORIES)]}
     ann_file = root / "annotations" / f"instances_{split}.json"
-    ann_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ann_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(dataset, separators=(",", ":")))
-    os.replace(tmp, ann_file)  # written last and atomically: its presence means the split is complete
+    # written last and atomically: its presence means the split is complete
+    write_text_atomic(ann_file, json.dumps(dataset, separators=(",", ":")), what="annotation file")
     return image_dir, ann_file
 
 

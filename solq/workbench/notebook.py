@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from solq import code_version
+from solq.files import write_text_atomic
 from solq.models import pretrained
 
 __all__ = ["Param", "validate_parameters", "flatten_metrics", "write_metrics", "save_figure", "set_seed",
@@ -202,7 +203,8 @@ def write_metrics(output_dir: str | Path, flat_metrics: Mapping[str, Any], confi
 
     Metric conventions (see README): AP values as fractions in [0, 1] under ``segm/AP``,
     ``segm/AP50``, ``bbox/APs`` ...; the factor under study under its parameter name.
-    Written atomically (temporary file + rename). Returns the path.
+    Written atomically (solq.files.write_text_atomic: a full disk or unwritable folder raises OutputWriteError
+    naming the path). Returns the path.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -213,11 +215,7 @@ def write_metrics(output_dir: str | Path, flat_metrics: Mapping[str, Any], confi
     cfg = _config_dict(config)
     if cfg is not None:
         record["config"] = json.loads(json.dumps(cfg, default=str))
-    path = out / filename
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, allow_nan=False))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / filename, json.dumps(record, indent=2, allow_nan=False), what="metrics file")
 
 
 def save_figure(fig: Any, output_dir: str | Path, name: str, *, dpi: int = 100) -> Path:
