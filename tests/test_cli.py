@@ -156,8 +156,9 @@ def test_bench_compares_modes_and_writes_json(tmp_path, capsys):
     for r in rows:  # medians with their spreads, from the same number of interleaved iterations
         assert r["timing_iters"] == 2 and r["timing_warmup"] == 0
         assert r["time_forward_s"]["iters"] == r["time_with_postprocess_s"]["iters"] == 2
-        for key in ("fps_forward", "fps_with_postprocess"):
+        for key in ("fps_forward", "fps_with_postprocess", "fps_forward_inference_opt"):
             assert 0 < r[f"{key}_min"] <= r[key] <= r[f"{key}_max"]
+        assert r["inference_opt_max_rel_diff"] < 1e-4  # folded norms and channels_last keep the outputs
     printed = capsys.readouterr().out
     assert "uqr" in printed and "2 iterations after 0 warm-up rounds" in printed
     assert main(["bench", "--size", "big"]) == 2

@@ -99,6 +99,9 @@ def test_table_shows_fps_medians_spreads_and_iterations():
     row = _row(fps_forward=0.52, fps_forward_min=0.50, fps_forward_max=0.55, fps_with_postprocess=0.49,
                fps_with_postprocess_min=0.47, fps_with_postprocess_max=0.51, timing_iters=10, timing_warmup=2)
     lines = format_bench_table([row]).splitlines()
-    assert "FPS net" in lines[0] and "FPS +post" in lines[0]
+    assert "FPS net" in lines[0] and "FPS +post" in lines[0] and "FPS net opt" in lines[0]
     assert "0.52 [0.50-0.55]" in lines[2] and "0.49 [0.47-0.51]" in lines[2]
+    assert "n/a" in lines[2]  # no optimised-forward timing in this row
+    row.update(fps_forward_inference_opt=0.61, fps_forward_inference_opt_min=0.6, fps_forward_inference_opt_max=0.62)
+    assert "0.61 [0.60-0.62]" in format_bench_table([row]).splitlines()[2]
     assert "10 iterations after 2 warm-up rounds" in lines[-1] and "alternate" in lines[-1]

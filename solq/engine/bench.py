@@ -9,10 +9,12 @@ Measured per model mode (uqr, sqr, det):
   decoder layer, so its last-layer share (what inference needs) is also given; and the FLOPs of decoding
   one mask vector (the inverse DCT). The paper's "FLOPs" follow the fvcore convention of one
   multiply-add = 1, i.e. our GMACs = GFLOPs / 2;
-- inference images/s of the network forward alone (as the release's benchmark.py) and with the
-  post-processing (top-k, decode, paste at the input size), both timed in one interleaved loop (the two
-  alternate call by call, after the same warm-up, so a machine that slows down or speeds up mid-run moves both
-  alike): the median and the min-max spread of each over the same number of iterations;
+- inference images/s of the network forward alone (as the release's benchmark.py), with the
+  post-processing (top-k, decode, paste at the input size), and of the forward of the inference-optimised copy
+  (:func:`solq.models.inference.optimize_for_inference`: folded norms, channels_last backbone; its largest
+  relative output difference is reported), all timed in one interleaved loop (they alternate call by call,
+  after the same warm-up, so a machine that slows down or speeds up mid-run moves them alike): the median
+  and the min-max spread of each over the same number of iterations;
 - training steps/s (forward, loss, backward, AdamW step) on random targets;
 - peak memory: ``max_memory_allocated`` on CUDA, else the process's peak RSS (Linux: VmHWM reset before
   each phase; elsewhere ``resource.ru_maxrss``, which covers the whole process);
@@ -38,6 +40,7 @@ from solq.engine.evaluate import weighted_total
 from solq.engine.optim import build_optimizer
 from solq.engine.runtime import configure_runtime
 from solq.models import build_model
+from solq.models.inference import optimize_for_inference
 
 __all__ = ["MASK_BRANCH", "mask_branch_names", "count_parameters", "count_flops", "matmul_gflops", "timed_median",
            "timed_interleaved", "benchmark", "bench_modes", "format_bench_table"]
@@ -218,6 +221,16 @@ def timed_median(fn, iters: int, warmup: int, device: torch.device) -> tuple[flo
     return s["median"], s["max"] - s["min"]
 
 
+def _max_relative_difference(got: dict, want: dict) -> float:
+    """max over the output tensors of max |got - want| / max |want| (the two models' outputs, same keys)."""
+    worst = 0.0
+    for key, ref in want.items():
+        if torch.is_tensor(ref) and ref.is_floating_point() and ref.numel():
+            scale = ref.abs().max().item() or 1.0
+            worst = max(worst, (got[key].float() - ref.float()).abs().max().item() / scale)
+    return worst
+
+
 def _fps_stats(prefix: str, stats: dict, batch_size: int) -> dict:
     """FPS keys from one :func:`timed_interleaved` result: ``{prefix}`` (median images/s), ``{prefix}_min`` and
     ``{prefix}_max`` (from the slowest and the fastest call)."""
@@ -259,16 +272,21 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
               "gflops_mask_branch_last_layer": mask_last / 1e9, "gflops_decode_one_mask": _decode_flops(codec) / 1e9}
     result.update({k.replace("gflops", "gmacs"): v / 2 for k, v in list(result.items()) if k.startswith("gflops")})
 
+    fast = optimize_for_inference(model)  # a copy: folded norms, channels_last backbone
     _reset_peak(dev)
     with torch.no_grad():
-        fwd, post = timed_interleaved(
+        result["inference_opt_max_rel_diff"] = _max_relative_difference(fast(images, mask), model(images, mask))
+        fwd, post, opt = timed_interleaved(
             [lambda: model(images, mask),
-             lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks, input_sizes=sizes)],
+             lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks, input_sizes=sizes),
+             lambda: fast(images, mask)],
             iters, warmup, dev)
+    del fast
     result.update(_fps_stats("fps_forward", fwd, batch_size))
     result.update(_fps_stats("fps_with_postprocess", post, batch_size))
+    result.update(_fps_stats("fps_forward_inference_opt", opt, batch_size))
     result.update({"timing_iters": fwd["iters"], "timing_warmup": warmup, "time_forward_s": fwd,
-                   "time_with_postprocess_s": post})
+                   "time_with_postprocess_s": post, "time_forward_inference_opt_s": opt})
     result["achieved_gflops_forward"] = result["gflops_total"] / fwd["median"]  # FLOPs are per batch
     result["machine_matmul_gflops"] = matmul_gflops(dev)
     result["peak_memory_inference_mb"] = _peak_memory(dev) / 2 ** 20
@@ -317,17 +335,20 @@ def _rate(r: dict) -> str:
 
 def _fps(r: dict, key: str) -> str:
     """``median [min-max]`` of an FPS key, or the median alone for results measured before the spread existed."""
+    if key not in r:
+        return "n/a"
     lo, hi = r.get(f"{key}_min"), r.get(f"{key}_max")
     return f"{r[key]:.2f}" if lo is None or hi is None else f"{r[key]:.2f} [{lo:.2f}-{hi:.2f}]"
 
 
 def format_bench_table(results: Sequence[dict]) -> str:
-    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS of the network and with the
-    post-processing (median [min-max] of interleaved calls), steps/s, peak memory, and the achieved forward
+    """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS of the network, with the
+    post-processing and of the inference-optimised network (median [min-max] of interleaved calls; n/a where a
+    result lacks it), steps/s, peak memory, and the achieved forward
     GFLOP/s against the machine's matmul GFLOP/s (n/a for results without them); a last line says how the FPS
     were timed (iterations, warm-up) when the results record it."""
     head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>18} {'FPS +post':>18} " \
-           f"{'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / matmul':>21}"
+           f"{'FPS net opt':>18} {'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / matmul':>21}"
     lines = [head, "-" * len(head)]
     for r in results:
         p = f"{r['params_detector'] / 1e6:.2f} + {r['params_mask_branch'] / 1e6:.2f}"
@@ -336,11 +357,12 @@ def format_bench_table(results: Sequence[dict]) -> str:
             f += f" + {r['gmacs_decode_one_mask']:.4f}"
         peak = max(r.get("peak_memory_inference_mb", 0), r.get("peak_memory_train_mb", 0))
         lines.append(f"{r['mode']:5} {p:>22} {f:>28} {_fps(r, 'fps_forward'):>18} "
-                     f"{_fps(r, 'fps_with_postprocess'):>18} {r.get('train_steps_per_s', float('nan')):10.2f} "
+                     f"{_fps(r, 'fps_with_postprocess'):>18} {_fps(r, 'fps_forward_inference_opt'):>18} {r.get('train_steps_per_s', float('nan')):10.2f} "
                      f"{peak:9.0f} {_rate(r):>21}")
     timed = [r for r in results if "timing_iters" in r]
     if timed:
         counts = sorted({(r["timing_iters"], r.get("timing_warmup", 0)) for r in timed})
         said = ", ".join(f"{n} iterations after {w} warm-up rounds" for n, w in counts)
-        lines.append(f"FPS: median [min-max] of {said}; net and net + post-processing alternate call by call")
+        lines.append(f"FPS: median [min-max] of {said}; net, net + post-processing and net opt (folded norms, "
+                     f"channels_last backbone) alternate call by call")
     return "\n".join(lines)
