@@ -65,7 +65,7 @@ def test_attention_map_normalised_per_head_and_ignores_padding():
 
 
 def test_mask_head_small_widths_groupnorm():
-    # smoke width 64 with 4 heads: 68 input channels (GroupNorm groups = gcd(68, 8) = 4)
+    # width 64 with 4 heads: 68 input channels (GroupNorm groups = gcd(68, 8) = 4)
     head = MaskHead(68, 64, [256, 128, 64])
     out = head(torch.randn(1, 64, 2, 2), torch.rand(1, 3, 4, 2, 2),
                [torch.randn(1, 256, 2, 2), torch.randn(1, 128, 4, 4), torch.randn(1, 64, 8, 8)])
@@ -203,3 +203,46 @@ def test_integration_smoke_sqr(frozen):
     assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("detector."))
     res = post(out, torch.tensor([[256, 192], [192, 192]]), input_sizes=torch.tensor([[128, 96], [96, 96]]))
     assert res[1]["masks"].shape == (cfg.eval.topk, 192, 192)
+
+
+def _empty_targets():
+    return [{"labels": torch.zeros(0, dtype=torch.int64), "boxes": torch.zeros(0, 4),
+             "masks": torch.zeros(0, H, 96, dtype=torch.bool), "boxes_xyxy": torch.zeros(0, 4)} for H in (128, 96)]
+
+
+@pytest.mark.parametrize("targets", [_targets, _empty_targets])
+def test_matched_masks_only_gives_the_full_forwards_loss_and_gradients(targets):
+    """Training runs the mask head on the matched queries alone: the same losses and parameter gradients as the
+    release's head over all B x Q queries (to float rounding); every mask-branch parameter still gets a gradient,
+    with no object in the batch too."""
+    from solq.config import load_config
+    from solq.models import build_model
+
+    cfg = load_config("smoke", overrides=["model.num_classes=7", "model.mode=sqr", "model.hidden_dim=32",
+                                          "model.nheads=2", "model.num_queries=6", "model.dropout=0.0"])
+    torch.manual_seed(0)
+    model, crit, _ = build_model(cfg)
+    assert model.matched_masks_only  # the default
+    images, mask = _batch()
+    model.train()
+    results = []
+    for lazy in (False, True):
+        model.matched_masks_only = lazy
+        model.zero_grad()
+        torch.manual_seed(1)
+        out = model(images, mask, targets=targets())
+        assert ("pred_masks_for" in out) == lazy and ("pred_masks" in out) == (not lazy)
+        losses = crit(out, targets())
+        sum(losses[k] * w for k, w in crit.weight_dict.items() if k in losses).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((losses, grads))
+    (full, g_full), (lazy, g_lazy) = results
+    for k in ("loss_mask", "loss_dice", "loss_ce", "loss_bbox"):
+        torch.testing.assert_close(lazy[k], full[k], rtol=1e-5, atol=1e-6)
+    assert g_lazy.keys() == g_full.keys()
+    assert all(n in g_lazy for n, _ in model.named_parameters() if n.startswith("mask_head."))
+    for n in g_full:
+        torch.testing.assert_close(g_lazy[n], g_full[n], rtol=1e-4, atol=1e-6, msg=n)
+    model.eval()
+    with torch.no_grad():
+        assert "pred_masks" in model(images, mask, targets=targets())  # inference always runs the whole head

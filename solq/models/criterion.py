@@ -336,11 +336,21 @@ class SetCriterion(nn.Module):
 
     def loss_masks(self, outputs, targets, indices, num_boxes, gt):
         """SQR: sigmoid focal (mean over pixels) + dice on mask logits upsampled to the GT mask size,
-        each summed over matched pairs / num_boxes. GT masks are zero-padded to the batch's largest."""
-        if "pred_masks" not in outputs:
-            raise KeyError("SetCriterion: the 'masks' loss needs outputs['pred_masks'] (model.mode sqr)")
-        pred = outputs["pred_masks"]
-        src = pred[_src_index(indices, pred.device)]  # [k, h, w]
+        each summed over matched pairs / num_boxes. GT masks are zero-padded to the batch's largest. The logits
+        come from ``outputs["pred_masks"]`` [B,Q,h,w] or, computed for the matched queries only, from
+        ``outputs["pred_masks_for"](batch_idx, query_idx)`` -> [k,h,w]."""
+        if "pred_masks" in outputs:
+            pred = outputs["pred_masks"]
+            src = pred[_src_index(indices, pred.device)]  # [k, h, w]
+        elif "pred_masks_for" in outputs:  # the model runs its mask head on the matched queries alone
+            batch, query = _src_index(indices, outputs["pred_logits"].device)
+            # with no match, query 0's mask times 0 keeps the head in the graph (DDP wants every gradient)
+            pred = outputs["pred_masks_for"](batch, query) if len(batch) else \
+                outputs["pred_masks_for"](batch.new_zeros(1), query.new_zeros(1))
+            src = pred[: len(batch)]
+        else:
+            raise KeyError("SetCriterion: the 'masks' loss needs outputs['pred_masks'] or 'pred_masks_for' "
+                           "(model.mode sqr)")
         if len(src) == 0:
             zero = 0.0 * pred.sum()
             return {"loss_mask": zero, "loss_dice": zero.clone()}

@@ -20,6 +20,7 @@ paper describes a per-head attention map, each head is normalised over space sep
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -124,13 +125,19 @@ class SQRModel(nn.Module):
         mask_features: what the mask head starts from at the coarsest level: ``"input_proj"`` (the release:
             the input-projected level before the encoder, ``srcs[-1]``) or ``"encoder"`` (the encoder's output
             there). The attention map reads the encoder's output either way, as the release.
+        matched_masks_only: in training with targets, skip the mask head in the forward and return
+            ``pred_masks_for`` instead: a function (batch_idx [k], query_idx [k]) -> mask logits [k,h,w] that runs
+            the head on those queries alone. The loss reads only the matched queries' masks, so this gives the
+            same loss (every layer of the head works per query) for a fraction of the work: k matched objects
+            instead of B x Q queries. The release runs the head on every query.
     """
 
     predicts_masks = True
 
     def __init__(self, detector: nn.Module, *, freeze_detector: bool = False, nheads: int = 8,
-                 mask_features: str = "input_proj"):
+                 mask_features: str = "input_proj", matched_masks_only: bool = False):
         super().__init__()
+        self.matched_masks_only = matched_masks_only
         if mask_features not in MASK_FEATURES:
             raise ValueError(f"SQRModel: mask_features {mask_features!r} is not one of {list(MASK_FEATURES)}")
         self.mask_features = mask_features
@@ -158,14 +165,19 @@ class SQRModel(nn.Module):
         """images [B,3,H,W], mask bool [B,H,W] (True = padding) -> the detector's outputs dict plus
         ``pred_masks`` [B,Q,h,w] mask logits (stride 16 of the padded input with C3 and the stride-64
         level) and, with return_intermediates, ``hs``/``memory``/``srcs``/``memory_masks``/``features`` and
-        ``mask_attention`` [B,Q,M,h64,w64]."""
+        ``mask_attention`` [B,Q,M,h64,w64]. In training with ``targets`` and ``matched_masks_only``,
+        ``pred_masks_for`` (see the class) replaces ``pred_masks``."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.freeze_detector):
             extra = {"targets": targets} if targets is not None else {}  # denoising queries, when the detector has them
             out = self.detector(images, mask, return_intermediates=True, return_attention=return_attention, **extra)
         attention = self.attention(out["hs"][-1], out["memory"][-1], out["memory_masks"][-1])
         feats = [f for f, _ in out["features"]][-len(self.seg_input_proj):][::-1]  # C5, C4, C3
         fpn = [proj(f) for proj, f in zip(self.seg_input_proj, feats)]
-        out["pred_masks"] = self.mask_head(out[MASK_FEATURES[self.mask_features]][-1], attention, fpn)
+        level = out[MASK_FEATURES[self.mask_features]][-1]
+        if self.matched_masks_only and self.training and targets is not None:
+            out["pred_masks_for"] = partial(self._masks_for, level, attention, fpn)
+        else:
+            out["pred_masks"] = self.mask_head(level, attention, fpn)
         if return_intermediates:
             out["mask_attention"] = attention
         else:
@@ -174,9 +186,19 @@ class SQRModel(nn.Module):
         return out
 
 
+    def _masks_for(self, level: torch.Tensor, attention: torch.Tensor, fpn: list[torch.Tensor],
+                   batch_idx: torch.Tensor, query_idx: torch.Tensor) -> torch.Tensor:
+        """Mask logits [k,h,w] of the queries (batch_idx [k], query_idx [k]): each one as an image of its own with
+        one query, so the head sees exactly the inputs the full forward gives that query."""
+        att = attention[batch_idx, query_idx][:, None]  # [k,1,M,h,w]
+        return self.mask_head(level[batch_idx], att, [f[batch_idx] for f in fpn])[:, 0]
+
+
 def build_sqr(cfg, detector: nn.Module) -> SQRModel:
     """SQRModel around a mode-``det`` detector; ``cfg.model.sqr_frozen_detector`` selects the two-stage
     protocol, ``cfg.model.sqr_mask_features`` the mask head's input; the attention map's heads are
-    ``cfg.model.nheads``."""
+    ``cfg.model.nheads``; ``cfg.model.sqr_matched_masks_only`` runs the mask head on the matched queries alone in
+    training."""
     return SQRModel(detector, freeze_detector=cfg.model.sqr_frozen_detector, nheads=cfg.model.nheads,
-                    mask_features=cfg.model.sqr_mask_features)
+                    mask_features=cfg.model.sqr_mask_features,
+                    matched_masks_only=cfg.model.sqr_matched_masks_only)
