@@ -142,7 +142,8 @@ def _add_pretrain_backbone(sub) -> None:
     pb.add_argument("--out", required=True, type=Path, help="output file (.pt, loadable with weights_only=True)")
     pb.add_argument("--data-root", default="data/pretrain_synthetic", help="scenes are generated (once) here")
     pb.add_argument("--num-train", type=int, default=4000, help="training scenes (default 4000)")
-    pb.add_argument("--steps", type=positive_int, default=4000, help="optimiser steps (default 4000)")
+    pb.add_argument("--steps", type=positive_int, default=8000, help="optimiser steps (default 8000, as the shipped "
+                    "synthetic-small)")
     pb.add_argument("--instance-weight", type=float, default=0.0,
                     help="weight of the centre-heatmap and box-size terms (default 0: segmentation only)")
     pb.add_argument("--batch-size", type=positive_int, default=16, help="images per step (default 16)")

@@ -198,7 +198,7 @@ def test_config_from_parameters_maps_each_factor(tmp_path):
     assert (cfg.train.epochs, cfg.train.lr_drop, cfg.train.batch_size, cfg.train.seed) == (4, 3, 2, 3)
     assert cfg.train.max_steps == 9  # overrides come last
     assert cfg.data.root == str(tmp_path / "synthetic") and cfg.runtime.output_dir == str(tmp_path / "run")
-    assert cfg.runtime.resume == "auto" and cfg.model.hidden_dim == 64  # the smoke preset's width
+    assert cfg.runtime.resume == "auto" and cfg.model.hidden_dim == 96  # the smoke preset's width
     rel = config_from_parameters(_params(tmp_path, data_root="data/synthetic"), run_dir=tmp_path / "run")
     assert rel.data.root == str(ROOT / "data" / "synthetic")  # relative paths start at the project root
     coco = config_from_parameters(_params(tmp_path, dataset="coco", coco_root="/data/coco"), run_dir=tmp_path)

@@ -134,7 +134,7 @@ def segmentation_scores(backbone: Backbone, head: SegmentationHead, loader, num_
 
 
 def pretrain_backbone(out_file: str | Path, *, data_root: str = "data/pretrain_synthetic", num_train: int = 4000,
-                      num_val: int = 100, image_size: int = 256, train_size: int = 160, steps: int = 4000,
+                      num_val: int = 100, image_size: int = 256, train_size: int = 160, steps: int = 8000,
                       batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 1e-4, seed: int = 0,
                       norm: str = "batch", instance_weight: float = 0.0, num_threads: int = 0,
                       progress_bar: bool = True) -> dict:
