@@ -176,12 +176,17 @@ def _figure(page):
 
 def _redrawn(page, before: bytes, steps: Steps, name: str, timeout: float = 30.0) -> bytes:
     """Wait until the explorer's figure differs from ``before``; returns the new PNG (a screenshot step)."""
+    from playwright.sync_api import Error as PlaywrightError
+
     deadline = time.monotonic() + timeout
     while True:
         page.wait_for_timeout(300)
-        png = _figure(page).screenshot()
-        if png != before and _figure(page).evaluate("i => i.complete && i.naturalWidth > 0"):
-            break
+        try:
+            png = _figure(page).screenshot()
+            if png != before and _figure(page).evaluate("i => i.complete && i.naturalWidth > 0"):
+                break
+        except PlaywrightError:  # the widget replaced its <img> between finding and shooting it (a busy CPU
+            pass  # makes that window wider): look again until the deadline
         if time.monotonic() > deadline:
             break
     return steps.shot(name, _figure(page))

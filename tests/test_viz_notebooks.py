@@ -54,11 +54,12 @@ def test_decoder_attention_standalone(attention_run):
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len(pngs) == metrics["figures"] == 3 and "attention_outline_summary.png" in pngs
     assert _images_shown(nb) == 3
-    for layer in (0, 1):
+    layers = metrics["config"]["model"]["dec_layers"]
+    for layer in range(layers):
         shares = [metrics[f"attention/layer{layer}/{k}"] for k in ("outline", "inside", "outside")]
         assert sum(shares) == pytest.approx(1.0) and all(0 <= s <= 1 for s in shares)
     rows = json.loads((out / "outline_rows.json").read_text())
-    assert len(rows) == 2 * metrics["num_queries"]  # one row per query and decoder layer
+    assert len(rows) == layers * metrics["num_queries"]  # one row per query and decoder layer
     assert metrics["config"]["model"]["hidden_dim"] == 32
 
 

@@ -14,4 +14,5 @@ TINY = ["data.synth_num_train=6", "data.synth_num_val=3", "data.synth_image_size
 RELEASE_LIKE = ["model.backbone=resnet18", "model.backbone_weights=", "model.backbone_norm=frozen",
                 "model.freeze_stages=2", "model.two_stage=false", "model.num_feature_levels=2", "loss.cls_loss=focal",
                 "model.vector_standardize=false", "train.lr=2e-4", "train.lr_backbone=2e-5", "train.lr_schedule=step", "train.warmup_steps=0",
-                "train.max_steps=0", "train.batch_size=2", "train.epochs=2", "data.crop_prob=0.5"]
+                "train.max_steps=0", "train.batch_size=2", "train.epochs=2", "data.crop_prob=0.5",
+                "model.hidden_dim=64", "model.dim_feedforward=128", "model.dec_layers=2"]
