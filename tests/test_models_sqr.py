@@ -246,3 +246,25 @@ def test_matched_masks_only_gives_the_full_forwards_loss_and_gradients(targets):
     model.eval()
     with torch.no_grad():
         assert "pred_masks" in model(images, mask, targets=targets())  # inference always runs the whole head
+
+
+def test_matched_masks_only_under_bf16_autocast():
+    """The loss calls the mask head after the forward's autocast block has closed: it runs under the forward's
+    autocast dtype (as the full head would), so an AMP training step works."""
+    from solq.config import load_config
+    from solq.models import build_model
+
+    cfg = load_config("smoke", overrides=["model.num_classes=7", "model.mode=sqr", "model.hidden_dim=32",
+                                          "model.nheads=2", "model.num_queries=6"])
+    torch.manual_seed(0)
+    model, crit, _ = build_model(cfg)
+    model.train()
+    images, mask = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, mask, targets=_targets())
+    masks = out["pred_masks_for"](torch.tensor([0, 1]), torch.tensor([2, 3]))
+    assert masks.dtype == torch.bfloat16 and masks.shape[0] == 2
+    losses = crit(out, _targets())
+    assert torch.isfinite(losses["loss_mask"]) and torch.isfinite(losses["loss_dice"])
+    (losses["loss_mask"] + losses["loss_dice"]).backward()
+    assert model.mask_head.out.weight.grad is not None

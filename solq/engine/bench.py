@@ -344,9 +344,9 @@ def _fps(r: dict, key: str) -> str:
 def format_bench_table(results: Sequence[dict]) -> str:
     """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS of the network, with the
     post-processing and of the inference-optimised network (median [min-max] of interleaved calls; n/a where a
-    result lacks it), steps/s, peak memory, and the achieved forward
-    GFLOP/s against the machine's matmul GFLOP/s (n/a for results without them); a last line says how the FPS
-    were timed (iterations, warm-up) when the results record it."""
+    result lacks it), steps/s, peak memory, and the achieved forward GFLOP/s against the machine's matmul GFLOP/s
+    (n/a for results without them); a last line says how the FPS were timed (iterations, warm-up) when the
+    results record it."""
     head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>18} {'FPS +post':>18} " \
            f"{'FPS net opt':>18} {'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / matmul':>21}"
     lines = [head, "-" * len(head)]
@@ -357,8 +357,8 @@ def format_bench_table(results: Sequence[dict]) -> str:
             f += f" + {r['gmacs_decode_one_mask']:.4f}"
         peak = max(r.get("peak_memory_inference_mb", 0), r.get("peak_memory_train_mb", 0))
         lines.append(f"{r['mode']:5} {p:>22} {f:>28} {_fps(r, 'fps_forward'):>18} "
-                     f"{_fps(r, 'fps_with_postprocess'):>18} {_fps(r, 'fps_forward_inference_opt'):>18} {r.get('train_steps_per_s', float('nan')):10.2f} "
-                     f"{peak:9.0f} {_rate(r):>21}")
+                     f"{_fps(r, 'fps_with_postprocess'):>18} {_fps(r, 'fps_forward_inference_opt'):>18} "
+                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f} {_rate(r):>21}")
     timed = [r for r in results if "timing_iters" in r]
     if timed:
         counts = sorted({(r["timing_iters"], r.get("timing_warmup", 0)) for r in timed})

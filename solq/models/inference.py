@@ -6,9 +6,10 @@
 - channels_last for the backbone: oneDNN's convolutions work in NHWC and would otherwise reorder each input and
   output.
 
-Measured on the shared 2-core machine (README, "Speed"): the paper-r50 backbone at 512x852, 1 thread, folding
-and channels_last together take ~15% off the backbone's forward. The rewritten model has no BatchNorm parameters
-left: use it for evaluation and prediction only, never for training or for saving a checkpoint.
+Measured on the shared 2-core machine (README, "Where the forward's time goes"): paper-r50 at 512x852, 1 thread,
+folding and channels_last together take 21% off the backbone's forward in the profiler, but the whole forward in
+``solq bench``'s interleaved loop moves by about 3%, inside its spread. The rewritten model has no BatchNorm
+parameters left: use it for evaluation and prediction only, never for training or for saving a checkpoint.
 """
 from __future__ import annotations
 

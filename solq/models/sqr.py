@@ -175,7 +175,9 @@ class SQRModel(nn.Module):
         fpn = [proj(f) for proj, f in zip(self.seg_input_proj, feats)]
         level = out[MASK_FEATURES[self.mask_features]][-1]
         if self.matched_masks_only and self.training and targets is not None:
-            out["pred_masks_for"] = partial(self._masks_for, level, attention, fpn)
+            device = level.device.type  # the loss calls it after the forward's autocast block: keep its dtype
+            amp = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+            out["pred_masks_for"] = partial(self._masks_for, level, attention, fpn, amp)
         else:
             out["pred_masks"] = self.mask_head(level, attention, fpn)
         if return_intermediates:
@@ -185,13 +187,14 @@ class SQRModel(nn.Module):
                 out.pop(key, None)
         return out
 
-
     def _masks_for(self, level: torch.Tensor, attention: torch.Tensor, fpn: list[torch.Tensor],
-                   batch_idx: torch.Tensor, query_idx: torch.Tensor) -> torch.Tensor:
+                   amp: torch.dtype | None, batch_idx: torch.Tensor, query_idx: torch.Tensor) -> torch.Tensor:
         """Mask logits [k,h,w] of the queries (batch_idx [k], query_idx [k]): each one as an image of its own with
-        one query, so the head sees exactly the inputs the full forward gives that query."""
+        one query, so the head sees exactly the inputs the full forward gives that query; under the forward's
+        autocast dtype ``amp`` (None: none)."""
         att = attention[batch_idx, query_idx][:, None]  # [k,1,M,h,w]
-        return self.mask_head(level[batch_idx], att, [f[batch_idx] for f in fpn])[:, 0]
+        with torch.autocast(level.device.type, dtype=amp, enabled=amp is not None):
+            return self.mask_head(level[batch_idx], att, [f[batch_idx] for f in fpn])[:, 0]
 
 
 def build_sqr(cfg, detector: nn.Module) -> SQRModel:
