@@ -46,6 +46,12 @@ PARTS = [
     (r"transformer\.decoder\.layers\.\d+\.linear\d$", "decoder: FFN linears"),
     (r"(class_embed|bbox_embed|vector_embed)(\.\d+)?$|transformer\.(reference_points|enc_output\w*)$", "heads"),
 ]
+# the rows of the table, in the model's order: the labelled parts less the attention modules' totals, the sampling
+# derived from them, and what no label covers
+ROWS = ("backbone", "position encoding", "input projections", "encoder: attention linears",
+        "encoder: deformable sampling", "encoder: layer norms", "encoder: FFN linears", "decoder: attention linears",
+        "decoder: deformable sampling", "decoder: self-attention", "decoder: layer norms", "decoder: FFN linears",
+        "heads", "other")
 DERIVED = {  # the sampling = the attention module minus its linears
     "encoder: deformable sampling": ("encoder: deformable attention (all)", "encoder: attention linears"),
     "decoder: deformable sampling": ("decoder: deformable attention (all)", "decoder: attention linears"),
@@ -77,6 +83,7 @@ def profile_parts(model, postprocessor, images, mask, repeats: int) -> tuple[dic
     "other" and "post-processing"; and the aten operators of the last repeat by self CPU time (top 15)."""
     sizes = torch.tensor([list(images.shape[-2:])] * images.shape[0])
     per_part: dict[str, list[float]] = {}
+    labels = {lab for _, lab in PARTS} | {"forward", "post-processing"}
     handles = label_modules(model)
     try:
         with torch.no_grad():
@@ -88,12 +95,10 @@ def profile_parts(model, postprocessor, images, mask, repeats: int) -> tuple[dic
                     with record_function("post-processing"):
                         postprocessor(out, sizes, with_masks=model.predicts_masks, input_sizes=sizes)
                 totals = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
-                labels = {lab for _, lab in PARTS} | {"forward", "post-processing"}
                 row = {lab: totals.get(lab, 0.0) for lab in labels}
                 for name, (whole, part) in DERIVED.items():
                     row[name] = row[whole] - row[part]
-                counted = [lab for lab in row if lab not in ("forward", "post-processing") and "(all)" not in lab]
-                row["other"] = row["forward"] - sum(row[lab] for lab in counted)
+                row["other"] = row["forward"] - sum(row[lab] for lab in ROWS[:-1])
                 for k, v in row.items():
                     per_part.setdefault(k, []).append(v)
     finally:
@@ -107,13 +112,9 @@ def profile_parts(model, postprocessor, images, mask, repeats: int) -> tuple[dic
 
 def format_parts(parts: dict) -> str:
     """Markdown table: part, ms per forward, % of the forward (post-processing: % of the forward too)."""
-    order = [lab for _, lab in PARTS if "(all)" not in lab and lab not in ("encoder: attention linears",
-                                                                             "decoder: attention linears")]
-    order = order[:3] + ["encoder: attention linears", "encoder: deformable sampling"] + order[3:5] + \
-        ["decoder: attention linears", "decoder: deformable sampling"] + order[5:] + ["other"]
     fwd = parts["forward"]
     lines = ["| part | ms | % of forward |", "|---|---|---|"]
-    lines += [f"| {lab} | {parts[lab]:.1f} | {100 * parts[lab] / fwd:.1f} |" for lab in order]
+    lines += [f"| {lab} | {parts[lab]:.1f} | {100 * parts[lab] / fwd:.1f} |" for lab in ROWS]
     lines += [f"| **forward** | {fwd:.1f} | 100 |",
               f"| post-processing (after the forward) | {parts['post-processing']:.1f} | "
               f"{100 * parts['post-processing'] / fwd:.1f} |"]

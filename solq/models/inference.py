@@ -54,10 +54,9 @@ def fold_batchnorm(module: nn.Module) -> int:
         if isinstance(child, nn.BatchNorm2d) and (child.training or child.running_mean is None):
             raise ValueError(f"fold_batchnorm: {name} is a BatchNorm2d in training mode or without running "
                              f"statistics; call model.eval() first")
-        eps = child.eps if isinstance(child, nn.BatchNorm2d) else getattr(child, "eps", 1e-5)
         with torch.no_grad():
-            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, child.running_mean, child.running_var, eps,
-                                                child.weight, child.bias)
+            weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, child.running_mean, child.running_var,
+                                                child.eps, child.weight, child.bias)
         conv.weight, conv.bias = weight, bias
         setattr(module, name, nn.Identity())
         folded += 1
