@@ -219,6 +219,10 @@ class RuntimeConfig:
     # keep freed CPU memory in the process (glibc mallopt) instead of page-faulting it in again for every
     # large tensor: 15-25% faster CPU forward passes; the resident set then stays at its peak
     keep_freed_memory: bool = True
+    # torch.compile the model's forward in place with this backend ("" = off; "inductor" is torch.compile's
+    # default, "eager" only traces: a cheap check of the wiring) in train, eval, predict and bench; the first
+    # call of every new input size compiles (minutes on a CPU); README "torch.compile" has the measured effect
+    compile: str = ""
 
 
 @dataclass
@@ -299,6 +303,7 @@ _CHOICES = {
     "loss.cls_loss": ("focal", "quality_focal"),
     "train.amp": ("none", "bf16", "fp16"),
     "runtime.dist_backend": ("auto", "nccl", "gloo"),
+    "runtime.compile": ("", "inductor", "eager", "aot_eager", "cudagraphs"),
 }
 
 

@@ -162,3 +162,17 @@ def test_bench_compares_modes_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "uqr" in printed and "2 iterations after 0 warm-up rounds" in printed
     assert main(["bench", "--size", "big"]) == 2
+
+
+def test_bench_times_the_compiled_network_in_the_same_loop(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--config", "smoke", "--set", "model.num_classes=5", "model.hidden_dim=32",
+                 "model.nheads=2", "model.num_queries=8", "runtime.compile=eager", "--size", "64x96", "--iters", "2",
+                 "--warmup", "0", "--train-iters", "0", "--output", str(out)]) == 0
+    (row,) = json.loads(out.read_text())
+    assert row["compile_backend"] == "eager" and row["compile_s"] > 0
+    assert row["compiled_max_rel_diff"] < 1e-5  # tracing alone does not change the arithmetic
+    assert row["time_forward_compiled_s"]["iters"] == row["time_forward_s"]["iters"] == 2
+    assert 0 < row["fps_forward_compiled_min"] <= row["fps_forward_compiled"] <= row["fps_forward_compiled_max"]
+    assert "torch.compile (eager): first call (compiling)" in capsys.readouterr().out
+    assert main(["bench", "--config", "smoke", "--set", "runtime.compile=yes"]) == 2  # not a backend name

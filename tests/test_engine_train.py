@@ -249,6 +249,30 @@ def test_mixed_precision_trains_and_checkpoints_the_scaler(synth_root, tmp_path,
         assert scaler == {} or not scaler.get("_enabled", False)
 
 
+def test_compiled_training_matches_eager_and_keeps_the_state_dict_names(synth_root, tmp_path):
+    """runtime.compile compiles the forward in place: the same losses, the same checkpoint keys; a checkpoint
+    loaded with the option gets a compiled forward. The "eager" backend (tracing without code generation) keeps
+    the test fast; inductor is measured by ``solq bench`` (README)."""
+    from solq.engine.checkpoint import build_from_checkpoint, load_checkpoint
+    from solq.engine.train import fit
+
+    losses, keys = {}, {}
+    for backend in ("", "eager"):
+        out = tmp_path / (backend or "plain")
+        torch._dynamo.reset()
+        cfg = load_config("smoke", tiny_overrides(synth_root, out, 4, **{
+            "train.epochs": 1, "train.batch_size": 2, "train.eval_every": 100, "runtime.compile": backend}))
+        fit(cfg, progress_bar=False, tensorboard=False)
+        losses[backend] = [r["loss"] for r in _records(out) if r["type"] == "train"]
+        keys[backend] = sorted(load_checkpoint(out / "checkpoint.pth")["model"])
+    assert len(losses[""]) == 2 and losses["eager"] == pytest.approx(losses[""], rel=1e-5)
+    assert keys["eager"] == keys[""] and not any("_orig_mod" in k for k in keys["eager"])
+    _, model, *_ = build_from_checkpoint(tmp_path / "eager" / "checkpoint.pth", overrides=["runtime.compile=eager"])
+    assert model._compiled_call_impl is not None  # nn.Module.compile's hook (private, no public accessor)
+    _, model, *_ = build_from_checkpoint(tmp_path / "eager" / "checkpoint.pth")
+    assert model._compiled_call_impl is None
+
+
 # ------------------------------------------------------------------------------------ codec fitting
 def test_a_pca_codec_is_fitted_by_the_studys_sampler_and_saved_for_the_run(tmp_path):
     from solq.coding import build_codec_from_config, study

@@ -184,3 +184,29 @@ def test_auto_backend_equals_reference_in_the_module():
     out_auto.square().sum().backward()
     for (name, p), q in zip(ref.named_parameters(), auto.parameters()):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_decoder_self_attention_runs_through_scaled_dot_product_attention(training, masked):
+    """The decoder's self-attention is nn.MultiheadAttention with need_weights=False, which PyTorch dispatches
+    to scaled_dot_product_attention (fused kernels; no [B,M,Q,Q] weights returned), with and without the query
+    group mask and in training (dropout) as in evaluation."""
+    from torch.profiler import profile
+
+    from solq.models.transformer import DeformableDecoderLayer
+
+    torch.manual_seed(0)
+    layer = DeformableDecoderLayer(d_model=32, d_ffn=64, n_levels=1, n_heads=4, n_points=2).train(training)
+    B, Q = 2, 6
+    tgt, pos = torch.randn(B, Q, 32), torch.randn(B, Q, 32)
+    ref = torch.rand(B, Q, 1, 2)
+    memory = torch.randn(B, 12, 32)
+    shapes, starts = torch.tensor([[3, 4]]), torch.tensor([0])
+    attn_mask = torch.zeros(Q, Q, dtype=torch.bool)
+    attn_mask[:3, 3:] = attn_mask[3:, :3] = True  # two groups of queries that do not see each other
+    with profile() as prof:
+        out, _ = layer(tgt, pos, ref, memory, shapes, starts, None, self_attn_mask=attn_mask if masked else None)
+    names = {e.name for e in prof.events()}
+    assert "aten::scaled_dot_product_attention" in names
+    assert out.shape == (B, Q, 32) and torch.isfinite(out).all()

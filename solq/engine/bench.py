@@ -249,7 +249,10 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     inference-optimised copy (fps_forward_inference_opt*, time_forward_inference_opt_s) with its largest relative
     output difference (inference_opt_max_rel_diff), achieved_gflops_forward, machine_matmul_gflops,
     train_steps_per_s, peak_memory_*_mb (inference: one forward and post-processing of the model alone, before
-    the optimised copy is made), device, torch version.
+    the optimised copy is made), device, torch version. With ``cfg.runtime.compile`` (a backend name) the model
+    compiled by ``torch.compile`` joins the interleaved loop: compile_backend, compile_s (its first call, which
+    compiles), compiled_max_rel_diff, fps_forward_compiled* and time_forward_compiled_s (inference only; the
+    training steps stay eager).
     """
     cfg = copy.deepcopy(cfg)
     configure_runtime(cfg)
@@ -281,19 +284,28 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
         postprocessor(want, sizes, with_masks=model.predicts_masks, input_sizes=sizes)
     result["peak_memory_inference_mb"] = _peak_memory(dev) / 2 ** 20
     fast = optimize_for_inference(model)  # a copy: folded norms, channels_last backbone
+    fns = [lambda: model(images, mask),
+           lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks, input_sizes=sizes),
+           lambda: fast(images, mask)]
     with torch.no_grad():
         result["inference_opt_max_rel_diff"] = _max_relative_difference(fast(images, mask), want)
-        fwd, post, opt = timed_interleaved(
-            [lambda: model(images, mask),
-             lambda: postprocessor(model(images, mask), sizes, with_masks=model.predicts_masks, input_sizes=sizes),
-             lambda: fast(images, mask)],
-            iters, warmup, dev)
+        if cfg.runtime.compile:  # the eager model compiled (same weights); its first call compiles
+            compiled = torch.compile(model, backend=cfg.runtime.compile)
+            start = time.perf_counter()
+            got = compiled(images, mask)
+            _sync(dev)
+            result["compile_s"] = time.perf_counter() - start
+            result["compile_backend"] = cfg.runtime.compile
+            result["compiled_max_rel_diff"] = _max_relative_difference(got, want)
+            fns.append(lambda: compiled(images, mask))
+        times = timed_interleaved(fns, iters, warmup, dev)
     del fast, want
-    result.update(_fps_stats("fps_forward", fwd, batch_size))
-    result.update(_fps_stats("fps_with_postprocess", post, batch_size))
-    result.update(_fps_stats("fps_forward_inference_opt", opt, batch_size))
-    result.update({"timing_iters": fwd["iters"], "timing_warmup": warmup, "time_forward_s": fwd,
-                   "time_with_postprocess_s": post, "time_forward_inference_opt_s": opt})
+    names = ["forward", "with_postprocess", "forward_inference_opt", "forward_compiled"]
+    for name, t in zip(names, times):
+        result.update(_fps_stats(f"fps_{name}", t, batch_size))
+        result[f"time_{name}_s"] = t
+    fwd = times[0]
+    result.update({"timing_iters": fwd["iters"], "timing_warmup": warmup})
     result["achieved_gflops_forward"] = result["gflops_total"] / fwd["median"]  # FLOPs are per batch
     result["machine_matmul_gflops"] = matmul_gflops(dev)
 
@@ -371,4 +383,9 @@ def format_bench_table(results: Sequence[dict]) -> str:
         said = ", ".join(f"{n} iterations after {w} warm-up rounds" for n, w in counts)
         lines.append(f"FPS: median [min-max] of {said}; net, net + post-processing and net opt (folded norms, "
                      f"channels_last backbone) alternate call by call")
+    for r in results:
+        if "compile_s" in r:  # runtime.compile: the compiled network joined the same interleaved loop
+            lines.append(f"{r['mode']}: torch.compile ({r['compile_backend']}): first call (compiling) "
+                         f"{r['compile_s']:.1f} s, then FPS {_fps(r, 'fps_forward_compiled')} vs net "
+                         f"{_fps(r, 'fps_forward')}; max relative output difference {r['compiled_max_rel_diff']:.1e}")
     return "\n".join(lines)

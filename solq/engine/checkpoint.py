@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from solq.config import Config, DataConfig, RuntimeConfig, apply_overrides, load_config, validate
+from solq.engine.runtime import compile_model
 from solq.files import write_atomic
 from solq.models import build_model, pretrained
 from solq.models.official import OfficialCheckpointError, load_official_checkpoint
@@ -221,7 +222,8 @@ def config_for_checkpoint(saved: Optional[dict], config: Optional[str] = None, o
     Without ``config`` it is the checkpoint's own config; with ``config`` (preset or YAML) that one, except
     for the ``model`` and ``codec`` sections, which must match the weights and come from the checkpoint.
     Model keys the stored config predates take the behaviour it was trained with (:func:`stored_config`).
-    ``overrides`` ("a.b=c") are applied last. Returns a validated Config.
+    ``runtime.compile`` is not inherited from the checkpoint (compiling takes minutes at the first call: the
+    loading process opts in). ``overrides`` ("a.b=c") are applied last. Returns a validated Config.
     """
     stored = stored_config(saved) if saved else None
     if config:
@@ -230,6 +232,7 @@ def config_for_checkpoint(saved: Optional[dict], config: Optional[str] = None, o
             cfg.model, cfg.codec = stored.model, stored.codec
     else:
         cfg = stored if stored is not None else load_config("paper-r50")
+        cfg.runtime.compile = RuntimeConfig.compile
     return validate(apply_overrides(cfg, overrides))
 
 
@@ -244,6 +247,6 @@ def build_from_checkpoint(path: str | Path, *, config: Optional[str] = None, ove
     cfg = config_for_checkpoint(saved, config, overrides)
     model, criterion, postprocessor = build_model(cfg, initial_weights=False)  # the checkpoint has every weight
     model.load_state_dict(weights)
-    model.to(device).eval()
+    compile_model(model.to(device).eval(), cfg)
     criterion.to(device)
     return cfg, model, criterion, postprocessor, dict(state.get("categories", {}))

@@ -15,7 +15,7 @@ import torch
 from solq.config import Config
 from solq.engine import allocator
 
-__all__ = ["seed_everything", "configure_runtime", "autocast", "to_float32", "AMP_DTYPES"]
+__all__ = ["seed_everything", "configure_runtime", "compile_model", "autocast", "to_float32", "AMP_DTYPES"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,6 +37,15 @@ def configure_runtime(cfg: Config) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+
+
+def compile_model(model: torch.nn.Module, cfg: Config) -> torch.nn.Module:
+    """Compile ``model``'s forward in place with ``torch.compile(backend=cfg.runtime.compile)`` when that is
+    set (``nn.Module.compile``: parameter names and state dict stay those of the eager model, so checkpoints,
+    DDP and the optimizer see the same module). Compilation happens at the first call. Returns the same module."""
+    if cfg.runtime.compile:
+        model.compile(backend=cfg.runtime.compile)
+    return model
 
 
 def autocast(device: torch.device, amp: str = "none"):

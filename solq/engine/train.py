@@ -39,7 +39,7 @@ from solq.engine.evaluate import iou_types_for, weighted_total
 from solq.engine.logger import MeanMeter, RunLogger, progress
 from solq.engine.optim import build_optimizer, build_scheduler
 from solq.engine.run_state import Run, TrainState, load_training_state, on_main_rank, resume_source
-from solq.engine.runtime import autocast, configure_runtime, seed_everything, to_float32
+from solq.engine.runtime import autocast, compile_model, configure_runtime, seed_everything, to_float32
 from solq.files import OutputWriteError, check_writable, write_text_atomic
 from solq.models import build_model
 from solq.preemption import StopRequest
@@ -246,7 +246,7 @@ def _build_run(cfg: Config, info: du.DistInfo, stop: StopRequest, progress_bar: 
     model, criterion, postprocessor = build_model(cfg, codec=codec)
     if getattr(model, "vector_standardize", False) and resume is None:  # a resumed run loads them
         model.set_vector_statistics(*vector_statistics(cfg, train_ds, codec))
-    model.to(device)
+    compile_model(model.to(device), cfg)
     criterion.to(device)
     optimizer = build_optimizer(cfg, model)
     pin = device.type == "cuda"
