@@ -17,6 +17,7 @@ from torch import nn
 
 from .deformable_attention import MSDeformAttn
 from .heads import refine_boxes, upcast
+from .dropout import dropout, relu_dropout
 
 __all__ = ["DeformableTransformer", "DeformableEncoderLayer", "DeformableDecoderLayer", "valid_ratio"]
 
@@ -28,6 +29,20 @@ def _ffn(d_model: int, d_ffn: int, activation: str) -> tuple[nn.Linear, nn.Linea
         raise ValueError(f"model.activation: {activation!r} is not one of {sorted(acts)}")
     expand = 2 if activation == "glu" else 1
     return nn.Linear(d_model, d_ffn * expand), nn.Linear(d_ffn, d_model), acts[activation]
+
+
+def _activation_dropout(x: torch.Tensor, activation: Callable, module: nn.Dropout) -> torch.Tensor:
+    """dropout(activation(x)); for ReLU the fused form that keeps one tensor for the backward (bit-identical,
+    ``dropout.py``)."""
+    if activation is F.relu:
+        return relu_dropout(x, module.p, module.training)
+    return _dropout(activation(x), module)
+
+
+def _dropout(x: torch.Tensor, module: nn.Dropout) -> torch.Tensor:
+    """module(x) keeping a bool mask for the backward (bit-identical, ``dropout.py``); the nn.Dropout modules
+    stay for their p and train/eval state, as in the release."""
+    return dropout(x, module.p, module.training)
 
 
 def valid_ratio(mask: torch.Tensor) -> torch.Tensor:
@@ -67,9 +82,9 @@ class DeformableEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
         """src, pos: [B,S,d]; reference_points: [B,S,L,2]; padding_mask: bool [B,S]. Returns [B,S,d]."""
         attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
-        src = self.norm1(src + self.dropout1(attn))
-        ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        src = self.norm1(src + _dropout(attn, self.dropout1))
+        ffn = self.linear2(_activation_dropout(self.linear1(src), self.activation, self.dropout2))
+        return self.norm2(src + _dropout(ffn, self.dropout3))
 
 
 class DeformableDecoderLayer(nn.Module):
@@ -95,14 +110,14 @@ class DeformableDecoderLayer(nn.Module):
         bool [B,S]; self_attn_mask: None or bool [Q,Q], True where query i may not attend to query j
         (separates query groups). Returns (tgt [B,Q,d], (locations, weights) or None)."""
         q = tgt + query_pos
-        tgt = self.norm2(tgt + self.dropout2(self.self_attn(q, q, tgt, need_weights=False,
-                                                            attn_mask=self_attn_mask)[0]))
+        attn_out = self.self_attn(q, q, tgt, need_weights=False, attn_mask=self_attn_mask)[0]
+        tgt = self.norm2(tgt + _dropout(attn_out, self.dropout2))
         out = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                               memory_padding_mask, return_attention=return_attention)
         out, attn = out if return_attention else (out, None)
-        tgt = self.norm1(tgt + self.dropout1(out))
-        ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
-        return self.norm3(tgt + self.dropout4(ffn)), attn
+        tgt = self.norm1(tgt + _dropout(out, self.dropout1))
+        ffn = self.linear2(_activation_dropout(self.linear1(tgt), self.activation, self.dropout3))
+        return self.norm3(tgt + _dropout(ffn, self.dropout4)), attn
 
 
 class DeformableEncoder(nn.Module):
