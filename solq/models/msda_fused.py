@@ -31,7 +31,8 @@ the forward here, and autograd through the tap construction ~3x the hand-written
 
 No Python loops over levels, heads or points. Under ``torch.compile`` the function defers to the
 ``grid_sample`` formulation (the table's size depends on the values of ``spatial_shapes``, which a traced
-graph cannot have), so compiled models trace in one graph.
+graph cannot have); that formulation reads the level sizes as Python ints, so a compiled model's graph
+breaks once per attention layer (README, "torch.compile").
 """
 from __future__ import annotations
 
@@ -327,7 +328,7 @@ def ms_deform_attn_fused(value: torch.Tensor, spatial_shapes: torch.Tensor, leve
                                          tuple(level_start_index.shape)))
     if torch.compiler.is_compiling():
         # The bordered table's size depends on the values of spatial_shapes, which a traced graph cannot
-        # have; the grid_sample formulation traces without data-dependent shapes and the compiler fuses it.
+        # have; the grid_sample formulation traces (with a graph break where it reads the level sizes).
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights)
     return _MSDeformAttnFused.apply(value, spatial_shapes, level_start_index, sampling_locations,

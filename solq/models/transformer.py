@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .deformable_attention import MSDeformAttn
-from .heads import refine_boxes, upcast
 from .dropout import dropout, relu_dropout
+from .heads import refine_boxes, upcast
 
 __all__ = ["DeformableTransformer", "DeformableEncoderLayer", "DeformableDecoderLayer", "valid_ratio"]
 
