@@ -9,10 +9,11 @@ glibc's default allocator behaviour (no mallopt: solq's ``runtime.keep_freed_mem
 ``solq`` runs, never here; any MALLOC_* environment variables are recorded and printed).
 
 Prints a DCT table (one row per batch size, default 1, 10, 100, 256, 1,000 and 2,000: encode, decode and
-decode+binarize in masks per second, and the output floor: allocating and filling a fresh [batch,128,128] float32
-tensor alone, the least any decode returning a new tensor costs; glibc maps blocks above its mmap threshold (at
-most 32 MiB: 512 masks) afresh on every call, so their pages fault in on each decode, the median [min-max] of ``--repeats`` timing windows of ``--min-seconds``
-each) for each thread count, then a table of the rest: PCA and flatten for comparison, the time of crop_to_box
+decode+binarize in masks per second, and the output floor: allocating a fresh [batch,128,128] float32 tensor as
+the decode does and filling it, the least any decode returning a new tensor costs; glibc maps blocks above its
+mmap threshold (at most 32 MiB: 512 masks) afresh on every call, so their pages fault in on each decode, which
+the decode does on huge pages (``solq.memory.empty_huge``); "floor, torch.empty" is the same with plain pages;
+each the median [min-max] of ``--repeats`` timing windows of ``--min-seconds`` each) for each thread count, then a table of the rest: PCA and flatten for comparison, the time of crop_to_box
 and paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
 and the full post-processing of one 512x512 image (issue 4 goal: well under 100 ms on 2 CPU threads):
 ``PostProcess`` top-100 over 300 queries x 91 classes, batched DCT decode, binarise and paste into the
@@ -33,6 +34,7 @@ import time
 import torch
 
 from solq.coding import DCTCodec, FlattenCodec, PCACodec, crop_to_box, paste_in_image
+from solq.memory import empty_huge
 from solq.models.postprocess import PostProcess
 
 
@@ -133,9 +135,12 @@ def measure(threads: int, batches: list[int], min_seconds: float, device: torch.
             "encode": _rates(lambda: (dct.encode(masks), sync()), b, min_seconds, repeats),
             "decode": _rates(lambda: (dct.decode(vectors), sync()), b, min_seconds, repeats),
             "decode_binarize": _rates(lambda: (dct.binarize(dct.decode(vectors)), sync()), b, min_seconds, repeats),
-            # the floor of any decode that returns a new tensor: allocating and writing its [b,128,128] output
-            "output_floor": _rates(lambda: (torch.empty(b, 128, 128, device=device).fill_(0.5), sync()), b,
-                                   min_seconds, repeats)}
+            # the floor of any decode that returns a new tensor: allocating its [b,128,128] output as the decode
+            # does (huge pages from 32 MiB) and writing it once; "plain" with torch.empty
+            "output_floor": _rates(lambda: (empty_huge(b, 128, 128, device=device).fill_(0.5), sync()), b,
+                                   min_seconds, repeats),
+            "output_floor_plain": _rates(lambda: (torch.empty(b, 128, 128, device=device).fill_(0.5), sync()), b,
+                                         min_seconds, repeats)}
 
     b = 256
     masks = _ellipses(b, 128, gen, device)
@@ -158,13 +163,13 @@ def format_dct_table(results: dict, rows: list[str]) -> str:
     """One line per (thread count, batch size): encode, decode, decode+binarize and the output floor (allocating
     and filling the decoded [batch,128,128] float32 tensor alone) in masks/s as median [min-max]."""
     head = f"{'threads':>7} {'batch':>6} {'encode masks/s':>26} {'decode masks/s':>26} {'decode+binarize':>26} " \
-           f"{'output floor':>26}"
+           f"{'output floor':>26} {'floor, torch.empty':>26}"
     lines = [head, "-" * len(head)]
     for r in rows:
         for b, m in results[r]["dct"].items():
+            floors = [_span(m[k]) if k in m else "n/a" for k in ("output_floor", "output_floor_plain")]
             lines.append(f"{r.split('=')[1]:>7} {b:>6} {_span(m['encode']):>26} {_span(m['decode']):>26} "
-                         f"{_span(m['decode_binarize']):>26} "
-                         f"{_span(m['output_floor']) if 'output_floor' in m else 'n/a':>26}")
+                         f"{_span(m['decode_binarize']):>26} {floors[0]:>26} {floors[1]:>26}")
     return "\n".join(lines)
 
 

@@ -188,3 +188,15 @@ def test_bad_shapes_and_sizes_raise():
         codec.decode(torch.zeros(2, 31))
     with pytest.raises(ValueError, match="exceeds"):
         DCTCodec(8, 65)
+
+
+def test_large_decode_into_huge_pages_equals_small_batches_and_keeps_gradients():
+    codec = DCTCodec(128, 256)
+    v = torch.randn(600, 256, generator=torch.Generator().manual_seed(4))  # 600 x 64 KiB: above 32 MiB
+    whole = codec.decode(v)
+    halves = torch.cat([codec.decode(v[:300]), codec.decode(v[300:])])  # below: plain allocations
+    assert whole.shape == (600, 128, 128) and whole.is_contiguous()
+    torch.testing.assert_close(whole, halves, rtol=0, atol=1e-6)
+    g = v.clone().requires_grad_(True)
+    codec.decode(g).sum().backward()  # the differentiable path is kept under autograd
+    assert g.grad is not None and g.grad.shape == v.shape

@@ -13,25 +13,13 @@ same). Elsewhere than glibc (macOS, Windows, musl) it does nothing.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import functools
-import sys
+
+from solq.memory import glibc as _libc
 
 __all__ = ["retain_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameter numbers of glibc's malloc.h
 _M_MMAP_THRESHOLD = -3
-
-
-@functools.lru_cache(maxsize=None)
-def _libc():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "gnu_get_libc_version") else None
-    except OSError:
-        return None
 
 
 def retain_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 62) -> bool:
