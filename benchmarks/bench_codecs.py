@@ -12,9 +12,10 @@ Prints a DCT table (one row per batch size, default 1, 10, 100, 256, 1,000 and 2
 decode+binarize in masks per second, and the output floor: allocating a fresh [batch,128,128] float32 tensor as
 the decode does and filling it, the least any decode returning a new tensor costs; glibc maps blocks above its
 mmap threshold (at most 32 MiB: 512 masks) afresh on every call, so their pages fault in on each decode, which
-the decode does on huge pages (``solq.memory.empty_huge``); "floor, torch.empty" is the same with plain pages;
-each the median [min-max] of ``--repeats`` timing windows of ``--min-seconds`` each) for each thread count, then a table of the rest: PCA and flatten for comparison, the time of crop_to_box
-and paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
+the decode does on huge pages (``solq.memory.empty_huge``); "decode, plain pages" and "floor, plain pages" are
+the same with ``torch.empty`` (what the huge pages buy, in the same run); each the median [min-max] of
+``--repeats`` timing windows of ``--min-seconds`` each) for each thread count, then a table of the rest: PCA
+and flatten for comparison, the time of crop_to_box and paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
 and the full post-processing of one 512x512 image (issue 4 goal: well under 100 ms on 2 CPU threads):
 ``PostProcess`` top-100 over 300 queries x 91 classes, batched DCT decode, binarise and paste into the
 predicted boxes, next to the paste alone. Writes everything as JSON with ``--out``.
@@ -34,7 +35,8 @@ import time
 import torch
 
 from solq.coding import DCTCodec, FlattenCodec, PCACodec, crop_to_box, paste_in_image
-from solq.memory import empty_huge
+from solq.coding import dct as dct_module
+from solq.memory import HUGE_MIN_BYTES, empty_huge
 from solq.models.postprocess import PostProcess
 
 
@@ -54,6 +56,17 @@ def _rates(fn, batch: int, min_seconds: float, repeats: int) -> dict:
     """{"median", "min", "max", "repeats"}: masks/s of fn() x batch over ``repeats`` windows of :func:`_rate`."""
     rates = [_rate(fn, batch, min_seconds) for _ in range(max(repeats, 1))]
     return {"median": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": len(rates)}
+
+
+def _plain_pages_decode(codec: DCTCodec, vectors: torch.Tensor) -> torch.Tensor:
+    """``codec.decode(vectors)`` with its output on plain pages (``torch.empty``), as before huge pages: what
+    :func:`solq.memory.empty_huge` buys, measured in the same run."""
+    saved = dct_module.empty_huge
+    dct_module.empty_huge = lambda *size, dtype, device: torch.empty(*size, dtype=dtype, device=device)
+    try:
+        return codec.decode(vectors)
+    finally:
+        dct_module.empty_huge = saved
 
 
 def _best_time(fn, repeats: int) -> float:
@@ -129,15 +142,17 @@ def measure(threads: int, batches: list[int], min_seconds: float, device: torch.
         lambda: (paste_in_image(maps, top["boxes"], (512, 512)), sync()), 10)
     results["dct"] = {}
     for b in batches:
+        alloc = empty_huge if b * 128 * 128 * 4 >= HUGE_MIN_BYTES else torch.empty  # as the decode chooses
         masks = _ellipses(b, 128, gen, device)
         vectors = dct.encode(masks)
         results["dct"][b] = {
             "encode": _rates(lambda: (dct.encode(masks), sync()), b, min_seconds, repeats),
             "decode": _rates(lambda: (dct.decode(vectors), sync()), b, min_seconds, repeats),
+            "decode_plain_pages": _rates(lambda: (_plain_pages_decode(dct, vectors), sync()), b, min_seconds, repeats),
             "decode_binarize": _rates(lambda: (dct.binarize(dct.decode(vectors)), sync()), b, min_seconds, repeats),
             # the floor of any decode that returns a new tensor: allocating its [b,128,128] output as the decode
             # does (huge pages from 32 MiB) and writing it once; "plain" with torch.empty
-            "output_floor": _rates(lambda: (empty_huge(b, 128, 128, device=device).fill_(0.5), sync()), b,
+            "output_floor": _rates(lambda: (alloc(b, 128, 128, device=device).fill_(0.5), sync()), b,
                                    min_seconds, repeats),
             "output_floor_plain": _rates(lambda: (torch.empty(b, 128, 128, device=device).fill_(0.5), sync()), b,
                                          min_seconds, repeats)}
@@ -160,16 +175,17 @@ def _span(r: dict) -> str:
 
 
 def format_dct_table(results: dict, rows: list[str]) -> str:
-    """One line per (thread count, batch size): encode, decode, decode+binarize and the output floor (allocating
-    and filling the decoded [batch,128,128] float32 tensor alone) in masks/s as median [min-max]."""
-    head = f"{'threads':>7} {'batch':>6} {'encode masks/s':>26} {'decode masks/s':>26} {'decode+binarize':>26} " \
-           f"{'output floor':>26} {'floor, torch.empty':>26}"
+    """One line per (thread count, batch size): encode, decode, decode with its output on plain pages,
+    decode+binarize, and the output floor (allocating and filling the decoded [batch,128,128] float32 tensor
+    alone) on huge and on plain pages, in masks/s as median [min-max]."""
+    head = f"{'threads':>7} {'batch':>6} {'encode masks/s':>26} {'decode masks/s':>26} {'decode, plain pages':>26} " \
+           f"{'decode+binarize':>26} {'output floor':>26} {'floor, plain pages':>26}"
     lines = [head, "-" * len(head)]
     for r in rows:
         for b, m in results[r]["dct"].items():
-            floors = [_span(m[k]) if k in m else "n/a" for k in ("output_floor", "output_floor_plain")]
-            lines.append(f"{r.split('=')[1]:>7} {b:>6} {_span(m['encode']):>26} {_span(m['decode']):>26} "
-                         f"{_span(m['decode_binarize']):>26} {floors[0]:>26} {floors[1]:>26}")
+            more = [_span(m[k]) if k in m else "n/a" for k in ("decode_plain_pages", "output_floor", "output_floor_plain")]
+            lines.append(f"{r.split('=')[1]:>7} {b:>6} {_span(m['encode']):>26} {_span(m['decode']):>26} {more[0]:>26} "
+                         f"{_span(m['decode_binarize']):>26} {more[1]:>26} {more[2]:>26}")
     return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from solq.memory import empty_huge
+from solq.memory import HUGE_MIN_BYTES, empty_huge
 from solq.zigzag import zigzag_order
 
 from .base import Codec, register_codec
@@ -91,8 +91,8 @@ class DCTCodec(Codec):
         k = v.shape[0]
         block = v.new_zeros(k, self.rows * self.cols).index_copy(1, flat, v)  # zeros at dropped frequencies
         x = torch.matmul(block.view(k, self.rows, self.cols), dv)  # [K,U,N]
-        if torch.is_grad_enabled() and v.requires_grad:  # out= is not differentiable
-            return torch.matmul(du_t, x)  # [K,N,N]
-        # a large output on fresh pages faults in slower than the product writes it: give it huge pages
         n = self.resolution
+        if k * n * n * v.element_size() < HUGE_MIN_BYTES or (torch.is_grad_enabled() and v.requires_grad):
+            return torch.matmul(du_t, x)  # [K,N,N]; out= is not differentiable
+        # a large output on fresh pages faults in slower than the product writes it: give it huge pages
         return torch.matmul(du_t, x, out=empty_huge(k, n, n, dtype=v.dtype, device=v.device))
