@@ -15,12 +15,13 @@ mmap threshold (at most 32 MiB: 512 masks) afresh on every call, so their pages 
 the decode does on huge pages (``solq.memory.empty_huge``); "decode, plain pages" and "floor, plain pages" are
 the same with ``torch.empty`` (what the huge pages buy, in the same run); each the median [min-max] of
 ``--repeats`` timing windows of ``--min-seconds`` each) for each thread count, then a table of the rest: PCA
-and flatten for comparison, the time of crop_to_box and paste_in_image for 100 masks on an 800x1333 image (with the process's peak memory growth around the paste),
-and the full post-processing of one 512x512 image (issue 4 goal: well under 100 ms on 2 CPU threads):
-``PostProcess`` top-100 over 300 queries x 91 classes, batched DCT decode, binarise and paste into the
-predicted boxes, next to the paste alone. Writes everything as JSON with ``--out``.
-The load average before/after each column is recorded: on a shared machine, 2-thread numbers collapse when
-another process holds a core (OpenMP threads wait for each other), so compare with the 1-thread column.
+and flatten for comparison, the time of crop_to_box and paste_in_image for 100 masks on an 800x1333 image
+(with the process's peak memory growth around the paste), and the full post-processing of one 512x512 image
+(issue 4 goal: well under 100 ms on 2 CPU threads): ``PostProcess`` top-100 over 300 queries x 91 classes,
+batched DCT decode, binarise and paste into the predicted boxes, next to the paste alone. Writes everything as
+JSON with ``--out``. The load average before/after each column is recorded: on a shared machine, 2-thread
+numbers collapse when another process holds a core (OpenMP threads wait for each other), so compare with the
+1-thread column.
 """
 from __future__ import annotations
 
@@ -183,7 +184,8 @@ def format_dct_table(results: dict, rows: list[str]) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         for b, m in results[r]["dct"].items():
-            more = [_span(m[k]) if k in m else "n/a" for k in ("decode_plain_pages", "output_floor", "output_floor_plain")]
+            more = [_span(m[k]) if k in m else "n/a"
+                    for k in ("decode_plain_pages", "output_floor", "output_floor_plain")]
             lines.append(f"{r.split('=')[1]:>7} {b:>6} {_span(m['encode']):>26} {_span(m['decode']):>26} {more[0]:>26} "
                          f"{_span(m['decode_binarize']):>26} {more[1]:>26} {more[2]:>26}")
     return "\n".join(lines)

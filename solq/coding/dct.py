@@ -8,8 +8,8 @@ Only the kept frequencies are ever computed: with U = 1 + max u and V = 1 + max 
 (23 and 23 for n_k = 256), encode is T = D[:U]·M·D[:V]ᵀ ([K,U,V], two matmuls) followed by a gather,
 and decode scatters the vector into [K,U,V] and computes D[:U]ᵀ·Ĉ·D[:V]. That is the exact inverse
 restricted to the kept coefficients (zeros elsewhere). Outside autograd a decoded batch of 32 MiB or more
-(512 masks at N = 128) is written into huge pages (:func:`solq.memory.empty_huge`): 1.8-2x faster at 1,000
-and 2,000 masks in a plain process (README, "Mask coding").
+(512 masks at N = 128) is written into huge pages (:func:`solq.memory.empty_huge`): 2.1-2.5x faster at
+1,000 and 2,000 masks in a plain process (README, "Mask coding").
 """
 from __future__ import annotations
 
