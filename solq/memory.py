@@ -49,15 +49,14 @@ def empty_huge(*size: int, dtype: torch.dtype = torch.float32, device: torch.dev
     it never changes values. Use it for outputs that are written once right after (``out=`` of a product).
     """
     out = torch.empty(*size, dtype=dtype, device=device)
-    nbytes = out.numel() * out.element_size()
-    if out.device.type != "cpu" or nbytes < min_bytes:
+    if out.device.type != "cpu" or out.nbytes < min_bytes:
         return out
     libc = glibc()
     if libc is None:
         return out
     page = mmap.PAGESIZE
     start = -(-out.data_ptr() // page) * page
-    end = (out.data_ptr() + nbytes) // page * page
+    end = (out.data_ptr() + out.nbytes) // page * page
     if end > start:
         libc.madvise(start, end - start, _MADV_HUGEPAGE)  # advice only: a refusal (EINVAL) leaves normal pages
     return out
