@@ -7,6 +7,10 @@ than the DCT decode that writes it. :func:`empty_huge` asks the kernel for trans
 block (``madvise(MADV_HUGEPAGE)``, honoured where ``/sys/kernel/mm/transparent_hugepage/enabled`` is
 ``always`` or ``madvise``), one fault per 2 MiB instead of 512, without touching the process-wide allocator
 settings (which :func:`solq.engine.allocator.retain_freed_memory` changes for ``solq`` runs only).
+
+After ``retain_freed_memory`` large blocks come from the heap, and the advice stays on a heap range after its
+block is freed: a later ordinary allocation that reuses the range gets huge pages too. That only changes how
+its pages fault in, never values (and is what those runs want: warm, large pages).
 """
 from __future__ import annotations
 
