@@ -53,13 +53,44 @@ def test_uqr_still_scores_what_it_scored(tmp_path, capsys):
     assert metrics["bbox"]["AP"] > 0.3 and metrics["segm"]["AP"] > 0.2  # a model that finds the objects
 
 
-def test_sqr_runs_as_trained_and_still_scores_what_it_scored(tmp_path):
-    """smoke-sqr was trained with the encoder output as its mask head's input, before model.sqr_mask_features
-    existed: its stored config lacks the key, so it loads as "encoder" (not the new default, the release's
-    "input_proj") and scores what it scored."""
-    state = torch.load(pretrained.path("smoke-sqr"), weights_only=True)
-    assert "sqr_mask_features" not in state["config"]["model"]
-    cfg, model, _, _, _ = build_from_checkpoint("smoke-sqr")
-    assert cfg.model.sqr_mask_features == "encoder" and model.mask_features == "encoder"
+def test_sqr_still_scores_what_it_scored(tmp_path):
     _scores_as_stored("smoke-sqr", tmp_path)
 
+
+def test_sqr_file_from_before_the_mask_features_option_loads_with_the_encoder_output(tmp_path):
+    """SQR checkpoints made before model.sqr_mask_features existed fed the mask head the encoder output: a stored
+    config without the key loads as "encoder", not as the new default (the release's "input_proj"); a stored
+    value loads as stored."""
+    state = torch.load(pretrained.path("smoke-sqr"), weights_only=True)
+    stored = state["config"]["model"].get("sqr_mask_features", "encoder")
+    assert build_from_checkpoint("smoke-sqr")[1].mask_features == stored
+    state["config"]["model"].pop("sqr_mask_features", None)
+    torch.save(state, tmp_path / "old_sqr.pt")
+    cfg, model, _, _, _ = build_from_checkpoint(str(tmp_path / "old_sqr.pt"))
+    assert cfg.model.sqr_mask_features == "encoder" and model.mask_features == "encoder"
+
+
+@pytest.mark.parametrize("name", ["smoke-uqr", "smoke-sqr"])
+def test_the_script_trains_the_settings_stored_in_the_shipped_file(name):
+    """scripts/make_teaching_models.sh pins the model settings the shipped files were made with (its RECIPE):
+    the smoke preset with those overrides has the model and codec sections stored in the file, except keys the
+    file predates, which load with the behaviour it was trained with."""
+    import re
+    from pathlib import Path
+
+    from solq.config import load_config
+    from solq.engine.checkpoint import stored_config
+
+    script = (Path(__file__).parents[1] / "scripts" / "make_teaching_models.sh").read_text()
+    recipe = re.search(r'^RECIPE=\$\{RECIPE-"([^"]*)"\}', script, re.M).group(1).split()
+    mode = name.split("-")[1]
+    extra = re.search(r'then extra="([^"]*)"', script).group(1).split() if mode == "sqr" else []
+    trained = load_config("smoke", overrides=recipe + extra + [f"model.mode={mode}"]).to_dict()
+    saved = torch.load(pretrained.path(name), weights_only=True)["config"]
+    stored = stored_config(saved).to_dict()
+    for section in ("model", "codec"):
+        differ = {k: (trained[section][k], stored[section][k]) for k in trained[section]
+                  if trained[section][k] != stored[section][k] and k in saved[section]}
+        assert differ == {} or set(differ) <= {"num_classes"}, (section, differ)
+    assert trained["train"]["batch_size"] == saved["train"]["batch_size"] and trained["data"] == saved["data"] | {
+        "root": trained["data"]["root"]}

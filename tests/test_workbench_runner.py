@@ -500,3 +500,7 @@ def test_tables_4_and_5_read_models_of_the_main_setting():
     assert load_config("paper-r50").model.num_feature_levels == 4
     [smoke] = main.points("smoke")  # the recipe of the shipped smoke-uqr (scripts/make_teaching_models.sh)
     assert (smoke.parameters["max_steps"], smoke.parameters["batch_size"], smoke.parameters["seed"]) == (8000, 8, 42)
+    import re  # and the model settings that script pins (its RECIPE), so the two make the same model
+
+    script = (Path(__file__).parents[1] / "scripts" / "make_teaching_models.sh").read_text()
+    assert smoke.parameters["overrides"] == re.search(r'^RECIPE=\$\{RECIPE-"([^"]*)"\}', script, re.M).group(1).split()
