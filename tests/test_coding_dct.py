@@ -157,7 +157,11 @@ def test_batched_equals_one_by_one_and_float32_close_to_float64():
     masks = _random_masks(4, 128, seed=4)
     batched = codec.encode(masks)
     single = torch.cat([codec.encode(masks[i:i + 1]) for i in range(4)])
-    assert torch.allclose(batched, single, atol=1e-12)
+    assert torch.allclose(batched, single, atol=1e-12)  # one mask takes the 2-D products: same values
+    decoded = codec.decode(batched)
+    assert torch.allclose(decoded, torch.cat([codec.decode(batched[i:i + 1]) for i in range(4)]), atol=1e-12)
+    view = masks[1:2].transpose(1, 2)  # a non-contiguous single mask
+    assert torch.allclose(codec.encode(view), codec.encode(view.contiguous()), atol=1e-12)
     v32 = codec.encode(masks.float())
     assert v32.dtype == torch.float32
     assert torch.allclose(v32.double(), batched, atol=1e-3)
@@ -174,8 +178,9 @@ def test_empty_batch_bool_input_and_gradients():
     b[:, 3:9, 4:12] = True
     assert torch.allclose(codec.encode(b), codec.encode(b.float()))
     small = DCTCodec(6, 10)
-    v = torch.randn(2, 10, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(small.decode, (v,))
+    for k in (1, 2):  # one vector takes the 2-D products
+        v = torch.randn(k, 10, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(small.decode, (v,))
     m = torch.rand(1, 6, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(small.encode, (m,))
 
