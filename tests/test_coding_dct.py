@@ -205,3 +205,21 @@ def test_large_decode_into_huge_pages_equals_small_batches_and_keeps_gradients()
     g = v.clone().requires_grad_(True)
     codec.decode(g).sum().backward()  # the differentiable path is kept under autograd
     assert g.grad is not None and g.grad.shape == v.shape
+
+
+def test_one_mask_ab_benchmark_runs_both_paths(monkeypatch, capsys):
+    """benchmarks/ab_dct_one_mask.py checks the two paths agree before timing them, and prints both."""
+    import sys
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import ab_dct_one_mask
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(sys, "argv", ["ab_dct_one_mask.py", "--windows", "1", "--seconds", "0.01"])
+    try:
+        ab_dct_one_mask.main()
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert all(f"{op}, {path} path" in out for op in ("decode", "encode") for path in ("batched", "one-mask"))
