@@ -475,7 +475,7 @@ def test_table3a_pca_point_codes_as_the_release_with_jittered_targets(tmp_path):
     assert not any(v for k, v in jitter.items() if k != ("uqr", "pca"))
 
 
-def test_tables_4_and_5_read_models_of_the_main_setting():
+def test_tables_4_and_5_read_models_of_the_main_setting(teaching_recipe):
     """Table 4's SOLQ and Table 5's UQR are SOLQ R50 at the main setting (Sec. 4.1, batch 32: main_model), not
     Table 2's batch-16 model; the smoke scale reads the shipped teaching models and needs no run first."""
     runs = ROOT / "experiments" / "runs"
@@ -500,7 +500,4 @@ def test_tables_4_and_5_read_models_of_the_main_setting():
     assert load_config("paper-r50").model.num_feature_levels == 4
     [smoke] = main.points("smoke")  # the recipe of the shipped smoke-uqr (scripts/make_teaching_models.sh)
     assert (smoke.parameters["max_steps"], smoke.parameters["batch_size"], smoke.parameters["seed"]) == (8000, 8, 42)
-    import re  # and the model settings that script pins (its RECIPE), so the two make the same model
-
-    script = (Path(__file__).parents[1] / "scripts" / "make_teaching_models.sh").read_text()
-    assert smoke.parameters["overrides"] == re.search(r'^RECIPE=\$\{RECIPE-"([^"]*)"\}', script, re.M).group(1).split()
+    assert smoke.parameters["overrides"] == teaching_recipe["uqr"]  # the script's model settings: the same model
