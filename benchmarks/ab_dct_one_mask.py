@@ -1,6 +1,7 @@
-"""A/B of the DCT codec at a batch of one mask: the batched path (``torch.matmul`` on [1,N,N], what every batch
-took before) against ``DCTCodec``'s one-mask path (two 2-D ``torch.mm``), in alternating timing windows so both
-see the same machine state.
+"""A/B/C of the DCT codec at a batch of one mask, in alternating timing windows so all see the same machine
+state: the batched path (``torch.matmul`` on [1,N,N], what every batch took before), the first one-mask path
+(two 2-D ``torch.mm`` with views, index_copy/index_select around them) and ``DCTCodec``'s one-mask path today
+(``bmm`` on [1,...] operands, ``put_``/``take``: no view ops).
 
     python benchmarks/ab_dct_one_mask.py --threads 1 2
 
@@ -35,7 +36,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=0.5)
     args = ap.parse_args()
     codec = DCTCodec(128, 256)
-    du, dv_t, du_t, dv, flat = codec._bases(torch.device("cpu"), torch.float32)
+    du, dv_t, du_t, dv, flat = codec._bases(torch.device("cpu"), torch.float32)[:5]
 
     def decode_batched(v):
         v = codec._check_vectors(v)
@@ -46,12 +47,24 @@ def main() -> None:
         m = codec._masks_as_float(m)
         return torch.matmul(torch.matmul(du, m), dv_t).flatten(1).index_select(1, flat)
 
+    def decode_mm(v):
+        v = codec._check_vectors(v)
+        block = v.new_zeros(1, codec.rows * codec.cols).index_copy(1, flat, v)
+        return torch.mm(du_t, torch.mm(block.view(codec.rows, codec.cols), dv)).unsqueeze(0)
+
+    def encode_mm(m):
+        m = codec._masks_as_float(m)
+        return torch.mm(torch.mm(du, m.squeeze(0)), dv_t).view(1, -1).index_select(1, flat)
+
     v = torch.randn(1, 256, generator=torch.Generator().manual_seed(0))
     m = (torch.rand(1, 128, 128, generator=torch.Generator().manual_seed(1)) > 0.5).float()
-    assert torch.allclose(decode_batched(v), codec.decode(v), atol=1e-5)
-    assert torch.allclose(encode_batched(m), codec.encode(m), atol=1e-4)
-    cases = [("decode, batched path", decode_batched, v), ("decode, one-mask path", codec.decode, v),
-             ("encode, batched path", encode_batched, m), ("encode, one-mask path", codec.encode, m)]
+    for fn in (decode_batched, decode_mm):
+        assert torch.allclose(fn(v), codec.decode(v), atol=1e-5)
+    for fn in (encode_batched, encode_mm):
+        assert torch.allclose(fn(m), codec.encode(m), atol=1e-4)
+    cases = [("decode, batched path", decode_batched, v), ("decode, 2-D mm path", decode_mm, v),
+             ("decode, codec today", codec.decode, v), ("encode, batched path", encode_batched, m),
+             ("encode, 2-D mm path", encode_mm, m), ("encode, codec today", codec.encode, m)]
     for threads in args.threads:
         torch.set_num_threads(threads)
         rates = {name: [] for name, _, _ in cases}

@@ -157,9 +157,11 @@ def test_batched_equals_one_by_one_and_float32_close_to_float64():
     masks = _random_masks(4, 128, seed=4)
     batched = codec.encode(masks)
     single = torch.cat([codec.encode(masks[i:i + 1]) for i in range(4)])
-    assert torch.allclose(batched, single, atol=1e-12)  # one mask takes the 2-D products: same values
+    assert torch.allclose(batched, single, atol=1e-12)  # one mask takes the one-mask path: same values
     decoded = codec.decode(batched)
     assert torch.allclose(decoded, torch.cat([codec.decode(batched[i:i + 1]) for i in range(4)]), atol=1e-12)
+    strided = torch.stack([batched[2], -batched[2]], 1).view(1, -1)[:, ::2]  # a non-contiguous single vector
+    assert not strided.is_contiguous() and torch.equal(codec.decode(strided), codec.decode(batched[2:3]))
     view = masks[1:2].transpose(1, 2)  # a non-contiguous single mask
     assert torch.allclose(codec.encode(view), codec.encode(view.contiguous()), atol=1e-12)
     v32 = codec.encode(masks.float())
@@ -178,7 +180,7 @@ def test_empty_batch_bool_input_and_gradients():
     b[:, 3:9, 4:12] = True
     assert torch.allclose(codec.encode(b), codec.encode(b.float()))
     small = DCTCodec(6, 10)
-    for k in (1, 2):  # one vector takes the 2-D products
+    for k in (1, 2):  # one vector takes the one-mask path
         v = torch.randn(k, 10, dtype=torch.float64, requires_grad=True)
         assert torch.autograd.gradcheck(small.decode, (v,))
     m = torch.rand(1, 6, 6, dtype=torch.float64, requires_grad=True)
@@ -208,7 +210,7 @@ def test_large_decode_into_huge_pages_equals_small_batches_and_keeps_gradients()
 
 
 def test_one_mask_ab_benchmark_runs_both_paths(monkeypatch, capsys):
-    """benchmarks/ab_dct_one_mask.py checks the two paths agree before timing them, and prints both."""
+    """benchmarks/ab_dct_one_mask.py checks the three paths agree before timing them, and prints all three."""
     import sys
     from pathlib import Path
 
@@ -222,4 +224,5 @@ def test_one_mask_ab_benchmark_runs_both_paths(monkeypatch, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert all(f"{op}, {path} path" in out for op in ("decode", "encode") for path in ("batched", "one-mask"))
+    assert all(f"{op}, {path}" in out for op in ("decode", "encode")
+               for path in ("batched path", "2-D mm path", "codec today"))

@@ -86,8 +86,8 @@ class Codec:
         """Check masks are [K,N,N] with N = resolution; bool/integer -> float32, floats kept as they are."""
         if not isinstance(masks, torch.Tensor):
             raise TypeError(f"{self.name} codec: encode expects a torch.Tensor, got {type(masks).__name__}")
-        n = self.resolution
-        if masks.dim() != 3 or masks.shape[1:] != (n, n):
+        n, shape = self.resolution, masks.shape
+        if len(shape) != 3 or shape[1] != n or shape[2] != n:
             raise ValueError(f"{self.name} codec: encode expects masks [K,{n},{n}] (resolution {n}), "
                              f"got shape {tuple(masks.shape)}")
         return masks if masks.is_floating_point() else masks.float()
@@ -95,7 +95,8 @@ class Codec:
     def _check_vectors(self, vectors: torch.Tensor) -> torch.Tensor:
         if not isinstance(vectors, torch.Tensor):
             raise TypeError(f"{self.name} codec: decode expects a torch.Tensor, got {type(vectors).__name__}")
-        if vectors.dim() != 2 or vectors.shape[1] != self.dim:
+        shape = vectors.shape
+        if len(shape) != 2 or shape[1] != self.dim:
             raise ValueError(f"{self.name} codec: decode expects vectors [K,{self.dim}], "
                              f"got shape {tuple(vectors.shape)}")
         return vectors if vectors.is_floating_point() else vectors.float()

@@ -9,8 +9,9 @@ Only the kept frequencies are ever computed: with U = 1 + max u and V = 1 + max 
 and decode scatters the vector into [K,U,V] and computes D[:U]ᵀ·Ĉ·D[:V]. That is the exact inverse
 restricted to the kept coefficients (zeros elsewhere). Outside autograd a decoded batch of 32 MiB or more
 (512 masks at N = 128) is written into huge pages (:func:`solq.memory.empty_huge`): 2.1-2.5x faster at
-1,000 and 2,000 masks in a plain process (README, "Mask coding"). A single mask takes two 2-D products instead
-of the batched ones: 12-21% more masks/s on one thread (benchmarks/ab_dct_one_mask.py).
+1,000 and 2,000 masks in a plain process (README, "Mask coding"). A single mask is dominated by per-op dispatch
+(about 1 µs an op on this machine, even for a view), so its path uses ``bmm`` on [1,...] operands, ``take`` and
+``put_`` (flat indexing on both sides): four torch ops each way (benchmarks/ab_dct_one_mask.py).
 """
 from __future__ import annotations
 
@@ -68,21 +69,25 @@ class DCTCodec(Codec):
         return f"resolution={self.resolution}, num_coeffs={self.dim}, threshold={self.threshold!r}"
 
     def _bases(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-        """(D[:U] [U,N], D[:V]ᵀ [N,V], D[:U]ᵀ [N,U], D[:V] [V,N], flat index [n_k]) on device/dtype, cached."""
+        """(D[:U] [U,N], D[:V]ᵀ [N,V], D[:U]ᵀ [N,U], D[:V] [V,N], flat index [n_k]) on device/dtype, cached,
+        followed by the same four matrices as [1,...] views for the one-mask path and the index as [1,n_k]."""
         key = (device, dtype)
-        if key not in self._cache:
+        try:  # one dict lookup on the hot path: the one-mask path costs about 20 µs in all
+            return self._cache[key]
+        except KeyError:
             d = dct_matrix(self.resolution)  # built in float64, then cast once
             du, dv = d[: self.rows], d[: self.cols]
-            self._cache[key] = tuple(t.to(device=device, dtype=dtype).contiguous() for t in (du, dv.T, du.T, dv)) + (
-                self._flat.to(device),)
-        return self._cache[key]
+            mats = tuple(t.to(device=device, dtype=dtype).contiguous() for t in (du, dv.T, du.T, dv))
+            flat = self._flat.to(device)
+            bases = self._cache[key] = mats + (flat,) + tuple(t.unsqueeze(0) for t in mats) + (flat.view(1, -1),)
+            return bases
 
     def encode(self, masks: torch.Tensor) -> torch.Tensor:
         """masks float/bool [K,N,N] -> coefficients [K,n_k] (dtype of float masks, else float32)."""
         m = self._masks_as_float(masks)
-        du, dv_t, _, _, flat = self._bases(m.device, m.dtype)
-        if m.shape[0] == 1:  # one mask: two plain 2-D products, without the batched product's setup
-            return torch.mm(torch.mm(du, m.squeeze(0)), dv_t).view(1, -1).index_select(1, flat)
+        du, dv_t, _, _, flat, du1, dv_t1, _, _, flat1 = self._bases(m.device, m.dtype)
+        if m.shape[0] == 1:  # one mask: bmm on [1,...] operands and a take, no view or broadcast ops (see below)
+            return torch.bmm(torch.bmm(du1, m), dv_t1).take(flat1)
         # rows first: [U,N] @ [K,N,N] -> [K,U,N] is the costly product; the second one is small
         t = torch.matmul(torch.matmul(du, m), dv_t)  # [K,U,V]
         return t.flatten(1).index_select(1, flat)
@@ -90,11 +95,13 @@ class DCTCodec(Codec):
     def decode(self, vectors: torch.Tensor) -> torch.Tensor:
         """vectors [K,n_k] -> reconstruction [K,N,N] (same dtype), differentiable."""
         v = self._check_vectors(vectors)
-        _, _, du_t, dv, flat = self._bases(v.device, v.dtype)
+        _, _, du_t, dv, flat, _, _, du_t1, dv1, _ = self._bases(v.device, v.dtype)
         k = v.shape[0]
+        if k == 1:  # one mask: put_ indexes both tensors as flat, so no view op is needed around it
+            block = v.new_zeros(1, self.rows, self.cols)
+            block.put_(flat, v)  # zeros at dropped frequencies
+            return torch.bmm(du_t1, torch.bmm(block, dv1))
         block = v.new_zeros(k, self.rows * self.cols).index_copy(1, flat, v)  # zeros at dropped frequencies
-        if k == 1:  # one mask: two plain 2-D products, without the batched product's setup
-            return torch.mm(du_t, torch.mm(block.view(self.rows, self.cols), dv)).unsqueeze(0)
         x = torch.matmul(block.view(k, self.rows, self.cols), dv)  # [K,U,N]
         n = self.resolution
         if k * n * n * v.element_size() < HUGE_MIN_BYTES or (torch.is_grad_enabled() and v.requires_grad):
