@@ -83,7 +83,7 @@ def test_the_transformer_layers_train_exactly_as_with_the_composition(monkeypatc
 
     fused_out, fused_grads = run()
     fused_bytes = _saved_bytes(lambda s: enc(s, pos, ref, shapes, starts, None), src)
-    monkeypatch.setattr(tr, "relu_dropout", lambda x, p, training: F.dropout(F.relu(x), p, training))
+    monkeypatch.setattr(tr, "relu_dropout", lambda x, p, training, inplace=False: F.dropout(F.relu(x), p, training))
     monkeypatch.setattr(tr, "dropout", F.dropout)
     plain_out, plain_grads = run()
     plain_bytes = _saved_bytes(lambda s: enc(s, pos, ref, shapes, starts, None), src)
@@ -93,3 +93,28 @@ def test_the_transformer_layers_train_exactly_as_with_the_composition(monkeypatc
     # ReLU's output and the noise of one [12,64] FFN, 3 of 4 bytes of two [12,32] residual masks, less the
     # one-element scales the functions keep
     assert plain_bytes - fused_bytes >= 2 * 12 * 64 * 4 + 2 * 12 * 32 * 3 - 3 * 4
+
+
+@pytest.mark.parametrize("p, training", [(0.0, True), (0.1, False)])
+def test_the_in_place_relu_without_dropout_gives_the_compositions_output_and_gradients(monkeypatch, p, training):
+    """Where no dropout draws (p = 0 in training, as the smoke preset; or eval) the FFN's ReLU runs in place on
+    linear1's output: the same output and gradients as F.relu on a copy."""
+    from solq.models import transformer as tr
+
+    torch.manual_seed(0)
+    enc = tr.DeformableEncoderLayer(d_model=32, d_ffn=64, dropout=p, n_levels=1, n_heads=2, n_points=2)
+    enc.train(training)
+    src, pos = torch.randn(1, 12, 32, requires_grad=True), torch.randn(1, 12, 32)
+    ref = torch.rand(1, 12, 1, 2)
+    shapes, starts = torch.tensor([[3, 4]]), torch.tensor([0])
+
+    def run():
+        out = enc(src, pos, ref, shapes, starts, None)
+        return out, torch.autograd.grad(out.square().sum(), [src, enc.linear1.weight, enc.linear1.bias])
+
+    in_place = run()
+    monkeypatch.setattr(tr, "relu_dropout", lambda x, p, training, inplace=False: F.dropout(F.relu(x), p, training))
+    plain = run()
+    assert torch.equal(in_place[0], plain[0])
+    for a, b in zip(in_place[1], plain[1]):
+        assert torch.equal(a, b)

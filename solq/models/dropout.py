@@ -67,11 +67,12 @@ def _plain(p: float, training: bool) -> bool:
     return not training or p <= 0 or p >= 1 or not torch.is_grad_enabled()
 
 
-def relu_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def relu_dropout(x: torch.Tensor, p: float, training: bool, *, inplace: bool = False) -> torch.Tensor:
     """``F.dropout(F.relu(x), p, training)`` with one saved tensor (see the module docstring). x: any shape;
-    returns the same shape. Outside training, with p = 0 or 1, or without grad it is the plain composition."""
+    returns the same shape. Outside training, with p = 0 or 1, or without grad it is the plain composition,
+    with the ReLU in place on x when ``inplace`` (for a caller that owns x: no second [tokens, d_ffn] tensor)."""
     if _plain(p, training):
-        return F.dropout(F.relu(x), p, training)
+        return F.dropout(F.relu(x, inplace=inplace), p, training)
     return _ReLUDropout.apply(x, p)
 
 

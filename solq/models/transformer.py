@@ -33,9 +33,10 @@ def _ffn(d_model: int, d_ffn: int, activation: str) -> tuple[nn.Linear, nn.Linea
 
 def _activation_dropout(x: torch.Tensor, activation: Callable, module: nn.Dropout) -> torch.Tensor:
     """dropout(activation(x)); for ReLU the fused form that keeps one tensor for the backward (bit-identical,
-    ``dropout.py``)."""
+    ``dropout.py``). x is linear1's fresh output, so where the plain composition runs (eval, p = 0, no grad)
+    the ReLU runs in place on it (addmm's backward does not need its output): no second [tokens, d_ffn] tensor."""
     if activation is F.relu:
-        return relu_dropout(x, module.p, module.training)
+        return relu_dropout(x, module.p, module.training, inplace=True)
     return _dropout(activation(x), module)
 
 
