@@ -204,6 +204,9 @@ class EvalConfig:
     iou_types: list[str] = field(default_factory=lambda: ["bbox", "segm"])
     boundary: bool = False  # also compute Boundary AP
     batch_size: int = 2
+    # solq eval / solq predict run a copy with the backbone's norms folded into its convolutions and the
+    # backbone in channels_last (solq.models.inference): same outputs within 1e-4, about 8% faster on the CPU
+    inference_opt: bool = True
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pycocotools import mask as mask_utils
 
 from solq.cli import _parser, main
 from solq.config import load_config
+from solq.models.inference import optimize_for_inference
 
 ENGINE_COMMANDS = ("train", "eval", "predict", "bench")
 
@@ -121,6 +122,40 @@ def test_eval_writes_metrics_and_result_files(tiny_checkpoint):
     assert mask_utils.decode(segm[0]["segmentation"]).shape == (64, 64)
 
 
+def test_eval_and_predict_run_the_folded_copy_unless_told_not_to(tiny_checkpoint, monkeypatch):
+    """eval.inference_opt (default true): solq eval and solq predict run optimize_for_inference's model, with the
+    same scores as the model as built (outputs equal within 1e-4); false runs the model as built."""
+    import importlib
+
+    evaluate_mod = importlib.import_module("solq.engine.evaluate")  # the package exports functions of these names
+    predict_mod = importlib.import_module("solq.engine.predict")
+
+    tmp, ckpt = tiny_checkpoint
+    calls = []
+
+    def spy(model, **kwargs):
+        calls.append(model)
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # the smoke CNN has norms
+        out = optimize_for_inference(model, **kwargs)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in out.modules())  # the norms are folded
+        return out
+
+    monkeypatch.setattr(evaluate_mod, "optimize_for_inference", spy)
+    monkeypatch.setattr(predict_mod, "optimize_for_inference", spy)
+    scores = {}
+    for opt in ("true", "false"):
+        assert main(["eval", "--checkpoint", str(ckpt), "--output", str(tmp / f"eval-{opt}"), "--no-progress",
+                     "--set", f"eval.inference_opt={opt}"]) == 0
+        assert main(["predict", "--checkpoint", str(ckpt), str(tmp / "synth" / "val"), "--output",
+                     str(tmp / f"pred-{opt}"), "--score-threshold", "0", "--set", f"eval.inference_opt={opt}"]) == 0
+        assert len(calls) == 2  # both commands with true, neither with false
+        metrics = json.loads((tmp / f"eval-{opt}" / "metrics.json").read_text())
+        preds = json.loads((tmp / f"pred-{opt}" / "predictions.json").read_text())
+        scores[opt] = (metrics["bbox"]["AP"], metrics["segm"]["AP"], sorted(r["score"] for r in preds))
+    assert scores["true"][:2] == pytest.approx(scores["false"][:2], abs=1e-3)
+    assert scores["true"][2] == pytest.approx(scores["false"][2], abs=1e-4)
+
+
 def test_predict_writes_overlays_and_coco_results(tiny_checkpoint, capsys):
     tmp, ckpt = tiny_checkpoint
     images = sorted((tmp / "synth" / "val").iterdir())
@@ -159,6 +194,9 @@ def test_bench_compares_modes_and_writes_json(tmp_path, capsys):
         for key in ("fps_forward", "fps_with_postprocess", "fps_forward_inference_opt"):
             assert 0 < r[f"{key}_min"] <= r[key] <= r[f"{key}_max"]
         assert r["inference_opt_max_rel_diff"] < 1e-4  # folded norms and channels_last keep the outputs
+        # the same FLOPs over the opt copy's median time
+        assert r["achieved_gflops_forward_inference_opt"] == pytest.approx(
+            r["gflops_total"] / r["time_forward_inference_opt_s"]["median"])
     printed = capsys.readouterr().out
     assert "uqr" in printed and "2 iterations after 0 warm-up rounds" in printed
     assert main(["bench", "--size", "big"]) == 2

@@ -247,8 +247,8 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     :func:`timed_interleaved`) with their _min/_max (the spread), timing_iters and timing_warmup, the seconds per
     call of each (time_forward_s, time_with_postprocess_s: median, min, max, q1, q3, iters), the same for the
     inference-optimised copy (fps_forward_inference_opt*, time_forward_inference_opt_s) with its largest relative
-    output difference (inference_opt_max_rel_diff), achieved_gflops_forward, machine_matmul_gflops,
-    train_steps_per_s, peak_memory_*_mb (inference: one forward and post-processing of the model alone, before
+    output difference (inference_opt_max_rel_diff), achieved_gflops_forward and
+    achieved_gflops_forward_inference_opt, machine_matmul_gflops, train_steps_per_s, peak_memory_*_mb (inference: one forward and post-processing of the model alone, before
     the optimised copy is made), device, torch version. With ``cfg.runtime.compile`` (a backend name) the model
     compiled by ``torch.compile`` joins the interleaved loop: compile_backend, compile_s (its first call, which
     compiles), compiled_max_rel_diff, fps_forward_compiled* and time_forward_compiled_s (inference only; the
@@ -307,6 +307,7 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     fwd = times[0]
     result.update({"timing_iters": fwd["iters"], "timing_warmup": warmup})
     result["achieved_gflops_forward"] = result["gflops_total"] / fwd["median"]  # FLOPs are per batch
+    result["achieved_gflops_forward_inference_opt"] = result["gflops_total"] / times[2]["median"]  # same FLOPs
     result["machine_matmul_gflops"] = matmul_gflops(dev)
 
     if train_iters > 0:
@@ -344,11 +345,16 @@ def bench_modes(cfg: Config, modes: Sequence[str] = (), *, json_path: Optional[s
 
 
 def _rate(r: dict) -> str:
-    """Achieved / matmul GFLOP/s with the percentage, or n/a for results measured before these keys existed."""
-    got, floor = r.get("achieved_gflops_forward"), r.get("machine_matmul_gflops")
+    """Achieved GFLOP/s of the network and of its inference-optimised copy / matmul GFLOP/s, with the
+    percentages; n/a for results measured before these keys existed (older results lack the opt rate: then
+    the network's alone)."""
+    got, opt, floor = (r.get(k) for k in ("achieved_gflops_forward", "achieved_gflops_forward_inference_opt",
+                                          "machine_matmul_gflops"))
     if got is None or not floor:
         return "n/a"
-    return f"{got:.1f} / {floor:.1f} ({100 * got / floor:.0f}%)"
+    if opt is None:
+        return f"{got:.1f} / {floor:.1f} ({100 * got / floor:.0f}%)"
+    return f"{got:.1f} / {opt:.1f} / {floor:.1f} ({100 * got / floor:.0f}% / {100 * opt / floor:.0f}%)"
 
 
 def _fps(r: dict, key: str) -> str:
@@ -362,11 +368,12 @@ def _fps(r: dict, key: str) -> str:
 def format_bench_table(results: Sequence[dict]) -> str:
     """Paper Table 5 layout: params (M) and GMACs as D-DETR + mask branch, FPS of the network, with the
     post-processing and of the inference-optimised network (median [min-max] of interleaved calls; n/a where a
-    result lacks it), steps/s, peak memory, and the achieved forward GFLOP/s against the machine's matmul GFLOP/s
-    (n/a for results without them); a last line says how the FPS were timed (iterations, warm-up) when the
+    result lacks it), steps/s, peak memory, and the achieved forward GFLOP/s of the network and of its
+    inference-optimised copy (what ``solq eval`` and ``solq predict`` run by default) against the machine's matmul
+    GFLOP/s (n/a for results without them); a last line says how the FPS were timed (iterations, warm-up) when the
     results record it."""
     head = f"{'mode':5} {'params (M)':>22} {'GMACs (fvcore)':>28} {'FPS net':>18} {'FPS +post':>18} " \
-           f"{'FPS net opt':>18} {'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / matmul':>21}"
+           f"{'FPS net opt':>18} {'train it/s':>10} {'peak MB':>9} {'GFLOP/s net / opt / matmul':>38}"
     lines = [head, "-" * len(head)]
     for r in results:
         p = f"{r['params_detector'] / 1e6:.2f} + {r['params_mask_branch'] / 1e6:.2f}"
@@ -376,7 +383,7 @@ def format_bench_table(results: Sequence[dict]) -> str:
         peak = max(r.get("peak_memory_inference_mb", 0), r.get("peak_memory_train_mb", 0))
         lines.append(f"{r['mode']:5} {p:>22} {f:>28} {_fps(r, 'fps_forward'):>18} "
                      f"{_fps(r, 'fps_with_postprocess'):>18} {_fps(r, 'fps_forward_inference_opt'):>18} "
-                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f} {_rate(r):>21}")
+                     f"{r.get('train_steps_per_s', float('nan')):10.2f} {peak:9.0f} {_rate(r):>38}")
     timed = [r for r in results if "timing_iters" in r]
     if timed:
         counts = sorted({(r["timing_iters"], r.get("timing_warmup", 0)) for r in timed})

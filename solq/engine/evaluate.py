@@ -21,6 +21,7 @@ from solq.engine.checkpoint import build_from_checkpoint
 from solq.engine.logger import MeanMeter, progress
 from solq.engine.runtime import autocast, configure_runtime, to_float32
 from solq.evaluation import evaluate_boundary_ap, evaluate_coco, masks_to_rle
+from solq.models.inference import optimize_for_inference
 from solq.files import check_writable, write_text_atomic
 
 __all__ = ["evaluate", "run_evaluation", "weighted_total", "RLEMasks", "iou_types_for"]
@@ -150,6 +151,8 @@ def run_evaluation(checkpoint: str | Path, *, config: Optional[str] = None, over
     info = du.init_distributed(cfg.runtime.dist_backend, cfg.runtime.device)
     try:
         model.to(info.device)
+        if cfg.eval.inference_opt:
+            model = optimize_for_inference(model, inplace=True)  # this model is never trained or saved
         criterion.to(info.device)
         val_ds = build_dataset(cfg, "val")
         loader = build_val_loader(val_ds, cfg, rank=info.rank, world_size=info.world_size,

@@ -24,6 +24,7 @@ from solq.engine.distributed import resolve_device
 from solq.engine.logger import progress
 from solq.engine.runtime import autocast, configure_runtime, to_float32
 from solq.evaluation import masks_to_rle
+from solq.models.inference import optimize_for_inference
 
 __all__ = ["IMAGE_SUFFIXES", "COCO_NAMES", "expand_inputs", "empty_target", "predict_image", "predict"]
 
@@ -113,6 +114,8 @@ def predict(checkpoint: str | Path, inputs: Sequence[str], *, output_dir: str | 
     cfg, model, _, postprocessor, names = build_from_checkpoint(checkpoint, config=config, overrides=overrides,
                                                                 device=dev)
     configure_runtime(cfg)
+    if cfg.eval.inference_opt:
+        model = optimize_for_inference(model, inplace=True)  # this model is never trained or saved
     names = names or (COCO_NAMES if cfg.model.num_classes == 91 else {})
     transform = build_transforms(False, cfg.data)
     out = Path(output_dir)
