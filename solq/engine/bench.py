@@ -248,8 +248,9 @@ def benchmark(cfg: Config, *, height: int = 512, width: int = 852, batch_size: i
     call of each (time_forward_s, time_with_postprocess_s: median, min, max, q1, q3, iters), the same for the
     inference-optimised copy (fps_forward_inference_opt*, time_forward_inference_opt_s) with its largest relative
     output difference (inference_opt_max_rel_diff), achieved_gflops_forward and
-    achieved_gflops_forward_inference_opt, machine_matmul_gflops, train_steps_per_s, peak_memory_*_mb (inference: one forward and post-processing of the model alone, before
-    the optimised copy is made), device, torch version. With ``cfg.runtime.compile`` (a backend name) the model
+    achieved_gflops_forward_inference_opt, machine_matmul_gflops, train_steps_per_s, peak_memory_*_mb
+    (inference: one forward and post-processing of the model alone, before the optimised copy is made), device,
+    torch version. With ``cfg.runtime.compile`` (a backend name) the model
     compiled by ``torch.compile`` joins the interleaved loop: compile_backend, compile_s (its first call, which
     compiles), compiled_max_rel_diff, fps_forward_compiled* and time_forward_compiled_s (inference only; the
     training steps stay eager).

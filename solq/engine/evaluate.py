@@ -21,8 +21,8 @@ from solq.engine.checkpoint import build_from_checkpoint
 from solq.engine.logger import MeanMeter, progress
 from solq.engine.runtime import autocast, configure_runtime, to_float32
 from solq.evaluation import evaluate_boundary_ap, evaluate_coco, masks_to_rle
-from solq.models.inference import optimize_for_inference
 from solq.files import check_writable, write_text_atomic
+from solq.models.inference import optimize_for_inference
 
 __all__ = ["evaluate", "run_evaluation", "weighted_total", "RLEMasks", "iou_types_for"]
 

@@ -177,10 +177,10 @@ def _grad_table_by_points(grad_out, top_left, taps, spatial_shapes, level_start_
     NK = N * K
     offsets = (first + torch.arange(4, device=first.device).view(4, 1) * NK).reshape(4 * R).to(idt)
     bag = _row_of(perm, K)  # point i = n*K + k belongs to bag n
-    # tap c of point (n,k) is element n*4K + c*K + k of taps
-    weight_index = (perm + bag * (3 * K)) + torch.arange(4, device=perm.device).view(4, 1) * K  # [4,NK]
-    G = F.embedding_bag(bag.to(idt).repeat(4), grad_out, offsets,
-                        per_sample_weights=taps.reshape(-1).index_select(0, weight_index.view(-1)), mode="sum")
+    # the taps corner-major [4,NK] (one copy), then the same gather of the sorted points in each corner's row:
+    # half the time of one gather through a [4,NK] int64 index built for it (14 against 26 ms per encoder layer)
+    weights = taps.view(N, 4, K).permute(1, 0, 2).reshape(4, NK).index_select(1, perm).view(-1)
+    G = F.embedding_bag(bag.to(idt).repeat(4), grad_out, offsets, per_sample_weights=weights, mode="sum")
     pos, pw = _token_positions(spatial_shapes, level_start_index, S, idt)
     shift = torch.tensor([0, 0, 1, 1], device=pos.device, dtype=idt) * pw.view(S, 1) \
         + torch.tensor([0, 1, 0, 1], device=pos.device, dtype=idt)  # [S,4]: token = top-left + shift
