@@ -171,6 +171,21 @@ def test_batched_equals_one_by_one_and_float32_close_to_float64():
     assert d32.dtype == torch.float32 and torch.allclose(d32.double(), codec.decode(batched), atol=1e-4)
 
 
+def test_one_vector_decodes_in_strict_deterministic_mode():
+    """put_ (the one-mask path) is listed as nondeterministic; under torch.use_deterministic_algorithms(True) one
+    vector takes the batched path instead of raising, with the same values."""
+    codec = DCTCodec(32, 40)
+    v = torch.randn(1, 40, generator=torch.Generator().manual_seed(5))
+    fast = codec.decode(v)
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        strict = codec.decode(v)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    torch.testing.assert_close(strict, fast, rtol=0, atol=1e-6)
+
+
 def test_empty_batch_bool_input_and_gradients():
     codec = DCTCodec(16, 30)
     assert codec.encode(torch.zeros(0, 16, 16)).shape == (0, 30)

@@ -97,7 +97,9 @@ class DCTCodec(Codec):
         v = self._check_vectors(vectors)
         _, _, du_t, dv, flat, _, _, du_t1, dv1, _ = self._bases(v.device, v.dtype)
         k = v.shape[0]
-        if k == 1:  # one mask: put_ indexes both tensors as flat, so no view op is needed around it
+        # one mask: put_ indexes both tensors as flat, so no view op is needed around it; PyTorch lists put_ as
+        # nondeterministic (it is not, with distinct indices), so deterministic mode takes the batched path
+        if k == 1 and not torch.are_deterministic_algorithms_enabled():
             block = v.new_zeros(1, self.rows, self.cols)
             block.put_(flat, v)  # zeros at dropped frequencies
             return torch.bmm(du_t1, torch.bmm(block, dv1))
