@@ -224,7 +224,7 @@ def test_large_decode_into_huge_pages_equals_small_batches_and_keeps_gradients()
     assert g.grad is not None and g.grad.shape == v.shape
 
 
-def test_one_mask_ab_benchmark_runs_both_paths(monkeypatch, capsys):
+def test_one_mask_ab_benchmark_runs_all_three_paths(monkeypatch, capsys):
     """benchmarks/ab_dct_one_mask.py checks the three paths agree before timing them, and prints all three."""
     import sys
     from pathlib import Path
